@@ -1,0 +1,93 @@
+"""The one config schema: every key a recipe may set, its default, and what it means.
+
+Recipes in `configs/` call `base_config()` and override what they need, so the schema is
+declared once. Command-line overrides use ml_collections: `--config.train.lr=3e-5`.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds model init, data shuffling, dataset draws and the scorer.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = 'tiny'  # Named preset (mos_jax.models.PRESETS); ignored when hf_checkpoint is set.
+  c.model.hf_checkpoint = ''  # Local Hugging Face folder (config.json + safetensors) to fine-tune.
+  c.model.param_dtype = 'float32'  # Dtype the parameters are stored and updated in.
+  c.model.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
+  c.model.remat = False  # Rematerialise each decoder layer in the backward pass (saves memory).
+  c.model.scan_layers = False  # Scan over layers (faster compiles for deep models).
+  c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation: '' (auto), 'xla', 'cudnn'.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.tokenizer = ''  # Local tokenizer folder; '' = the model.hf_checkpoint folder.
+  c.data.template = ''  # '' = the tokenizer's chat template; or chatml, vicuna, llama3, gemma.
+  c.data.max_len = 512  # Tokens per sequence (prompt + response).
+  c.data.truncation = 'truncate'  # What to do with longer examples: 'truncate' or 'drop'.
+  c.data.train_on_prompt = False  # True = loss on every token, not only assistant turns.
+  c.data.packing = False  # Pack several examples per row (segment ids keep them apart).
+  c.data.buckets = ()  # Pad to the smallest of these lengths that fits (empty = always max_len).
+  c.data.num_workers = 0  # Grain worker processes per dataset pipeline (part of a run's identity).
+  c.data.mix_per = 'batch'  # 'batch': one dataset per batch (Algorithm 1); 'example': per example.
+  c.data.on_error = 'raise'  # Malformed records: 'raise' (name file and line) or 'skip' (counted).
+  c.data.reward_batch_size = 16  # Examples per dataset in each reward batch (COSSIM/DIFF).
+  c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
+  c.data.shuffle_buffer = 0  # Unused by the random-access pipelines; kept 0.
+  c.data.demo_dir = ''  # Where demo skills are generated when a recipe uses them ('' = none).
+  # One entry per dataset: c.data.datasets.<name> = dataset(path=..., format=..., ...).
+  c.data.datasets = ml_collections.ConfigDict()
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # Optimizer steps.
+  c.train.batch_size = 64  # Global batch size (examples per optimizer step, all hosts).
+  c.train.micro_batches = 1  # Gradient accumulation: the batch is split into this many parts.
+  c.train.lr = 1e-5  # Peak AdamW learning rate.
+  c.train.warmup_fraction = 0.1  # Linear warm-up over this fraction of steps, then linear decay.
+  c.train.weight_decay = 0.0  # AdamW weight decay.
+  c.train.b1 = 0.9  # AdamW beta1.
+  c.train.b2 = 0.999  # AdamW beta2.
+  c.train.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
+  c.train.max_bad_steps = 10  # Stop after this many non-finite updates in a row.
+  c.train.log_every = 10  # Steps between metrics lines.
+  c.train.eval_every = 100  # Steps between dev-set evaluations (0 = only at the start and end).
+  c.train.eval_batches = 4  # Dev batches per dataset per evaluation (0 = the whole dev split).
+  c.train.checkpoint_every = 500  # Steps between checkpoints (0 = only at the end).
+  c.train.keep_checkpoints = 3  # Checkpoints kept on disk.
+  c.train.async_checkpoints = True  # Write checkpoints in the background.
+  c.train.progress_bar = True  # Show a tqdm progress bar on process 0.
+
+  c.mixing = ml_collections.ConfigDict()
+  c.mixing.strategy = 'mos'  # 'static', 'mos' or 'mospec'.
+  c.mixing.reward = 'diff'  # 'cossim' or 'diff'.
+  c.mixing.ema = True  # Smooth rewards with an EMA (Eq. 11).
+  c.mixing.ema_alpha = 0.9  # Weight of the new reward in the EMA.
+  c.mixing.update_every = 100  # Scorer update frequency S in optimizer steps.
+  c.mixing.prior_temperature = float('inf')  # tau of Eq. 3: 1 proportional, 10, inf uniform.
+  c.mixing.target = ''  # MoSpec: the dataset to specialise in.
+  c.mixing.target_factor = 2.0  # MoSpec with DIFF: the target's reward is multiplied by this.
+  c.mixing.scorer_hidden = 0  # Scorer MLP hidden size; 0 = one free logit per dataset.
+  c.mixing.scorer_lr = 1e-4  # Adam learning rate of the scorer.
+  c.mixing.inner_steps = 200  # Adam steps per scorer update (released code: 200).
+  c.mixing.normalize_rewards = False  # Standardise rewards across datasets before the update.
+  c.mixing.min_prob = 0.0  # Probability floor mixed into the scorer output (0 = off).
+  c.mixing.diff_reference = 'cache'  # DIFF's theta_0: 'cache' (precomputed NLLs) or 'device'.
+  c.mixing.reference_dtype = 'float32'  # Dtype of the on-device theta_0 copy.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # Data-parallel axis size (-1 = the rest of the devices).
+  c.mesh.fsdp = -1  # Fully sharded data-parallel axis size (-1 = the rest of the devices).
+  c.mesh.tensor = 1  # Tensor (Megatron) parallel axis size.
+  return c
+
+
+def dataset(path: str, format: str = '', split: str = 'train', max_examples: int = 0,
+            dev_examples: int = 1000) -> ml_collections.ConfigDict:
+  """One entry of `config.data.datasets`."""
+  d = ml_collections.ConfigDict()
+  d.path = path  # Local file/folder, save_to_disk folder, or hub id.
+  d.format = format  # alpaca, sharegpt, messages, inputs_targets, prompt_response; '' = detect.
+  d.split = split  # Split to read from a hub id or save_to_disk DatasetDict.
+  d.max_examples = max_examples  # Cap on examples read (0 = all).
+  d.dev_examples = dev_examples  # Examples held out for dev evaluation (paper: 1K).
+  return d
