@@ -1,0 +1,78 @@
+"""The theta_0 NLL cache for the DIFF reward (Eq. 10).
+
+DIFF compares each example's perplexity under the current model with its perplexity under the
+initial model theta_0. Instead of keeping theta_0 on device, one forward pass over every training
+example before training stores its mean token NLL under theta_0 beside the run, keyed by the
+dataset's fingerprint and the model, so a resumed or repeated run reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Mapping
+
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def model_key(config) -> str:
+  """Identifies theta_0: the checkpoint folder (with its weight files' sizes and times) or the
+  preset, its dtype and the init seed."""
+  m = config.model
+  if m.hf_checkpoint:
+    files = sorted(f for f in os.listdir(m.hf_checkpoint) if f.endswith('.safetensors'))
+    stats = [(f, os.path.getsize(os.path.join(m.hf_checkpoint, f)),
+              int(os.path.getmtime(os.path.join(m.hf_checkpoint, f)))) for f in files]
+    ident = {'hf_checkpoint': os.path.abspath(m.hf_checkpoint), 'files': stats}
+  else:
+    ident = {'preset': m.preset, 'seed': config.seed}
+  ident['param_dtype'] = m.param_dtype
+  ident['dtype'] = m.dtype
+  return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str, name: str, fingerprint: str, key: str) -> str:
+  return os.path.join(cache_dir, f'{name}-{fingerprint[:16]}-{key}.npy')
+
+
+def load_or_compute(cache_dir: str, data, key: str, nll_fn: Callable, to_global: Callable,
+                    batch_size: int, write: bool) -> Mapping[str, np.ndarray]:
+  """Per dataset, the theta_0 mean NLL of every training example (indexed by example id).
+
+  `nll_fn(global_batch) -> [B]` runs the jitted forward; `to_global` turns host-local rows into
+  global arrays. Only process 0 writes the files; every process holds the whole table.
+  """
+  tables = {}
+  for name in data.names:
+    path = cache_path(cache_dir, name, data.fingerprint(name), key)
+    if os.path.exists(path):
+      tables[name] = np.load(path)
+      continue
+    table = np.full((data.sizes[data.names.index(name)],), np.nan, np.float32)
+    for batch in data.full_pass_batches(name, batch_size):
+      global_batch = to_global(batch)
+      nll, ids = nll_fn(global_batch), global_batch['example_ids']
+      nll, ids = multihost_utils.process_allgather((nll, ids), tiled=True)
+      keep = np.asarray(ids) >= 0  # Padding rows of the last batch carry id -1.
+      table[np.asarray(ids)[keep]] = np.asarray(nll)[keep]
+    if np.isnan(table).any():
+      missing = int(np.isnan(table).sum())
+      raise RuntimeError(f'theta_0 NLL pass over dataset {name!r} missed {missing} examples.')
+    if write:
+      os.makedirs(cache_dir, exist_ok=True)
+      tmp = path + '.tmp.npy'
+      np.save(tmp, table)
+      os.replace(tmp, path)
+    tables[name] = table
+  return tables
+
+
+def lookup(tables: Mapping[str, np.ndarray], names, batch) -> np.ndarray:
+  """theta_0 NLL of each row of a host-local reward batch (rows carry dataset and example ids)."""
+  out = np.zeros(batch['example_ids'].shape, np.float32)
+  for row, (ds, ex) in enumerate(zip(batch['dataset_ids'], batch['example_ids'])):
+    out[row] = tables[names[ds]][ex]
+  return out
+

@@ -1,0 +1,171 @@
+"""Pure step functions: the SFT train step, the reward forward, and the dev-loss forward.
+
+Nothing here jits or places data; `mos_jax.trainer` applies jit, shardings and donation once.
+Shapes: B rows, L tokens, V vocab, D hidden, N datasets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mos_jax import loss as loss_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken (skipped ones included).
+  params: Any  # Pure dict of backbone parameters.
+  opt_state: Any  # AdamW state over params.
+  mixing: Any  # mos_jax.mixing.MixingState: scorer, its Adam state, EMA rewards.
+  bad_steps: jax.Array  # int32 scalar: non-finite updates in a row.
+  skipped_steps: jax.Array  # int32 scalar: non-finite updates skipped in total.
+
+
+def make_optimizer(train_config) -> optax.GradientTransformation:
+  """AdamW with linear warm-up then linear decay to 0, and optional global-norm clipping."""
+  steps = int(train_config.steps)
+  warmup = int(round(train_config.warmup_fraction * steps))
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, train_config.lr, max(warmup, 1)),
+       optax.linear_schedule(train_config.lr, 0.0, max(steps - warmup, 1))], [warmup])
+  parts = []
+  if train_config.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(train_config.grad_clip))
+  parts.append(optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
+                           weight_decay=train_config.weight_decay))
+  return optax.chain(*parts)
+
+
+def learning_rate(train_config, step):
+  """The schedule's value at `step`, for logging."""
+  steps = int(train_config.steps)
+  warmup = int(round(train_config.warmup_fraction * steps))
+  if step < warmup:
+    return train_config.lr * step / max(warmup, 1)
+  return train_config.lr * max(0.0, 1.0 - (step - warmup) / max(steps - warmup, 1))
+
+
+def _forward(graphdef, params, batch):
+  model = nnx.merge(graphdef, params)
+  return model(batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'])
+
+
+def _sum_loss(params, graphdef, batch, num_datasets):
+  """Sum of masked token NLL (differentiated), and per-dataset sums for the metrics."""
+  out = _forward(graphdef, params, batch)
+  nll = loss_lib.token_nll(out.logits, batch['targets'])  # [B, L]
+  row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])  # [B], [B]
+  aux = {
+      'tokens': row_tokens.sum(),
+      'dataset_nll': loss_lib.per_dataset_sums(row_nll, batch['dataset_ids'], num_datasets),
+      'dataset_tokens': loss_lib.per_dataset_sums(row_tokens, batch['dataset_ids'], num_datasets),
+  }
+  return row_nll.sum(), aux
+
+
+def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: int,
+               micro_batches: int = 1):
+  """One optimizer step on a token-weighted mean loss, accumulated over micro-batches.
+
+  Gradients of the NLL *sum* are accumulated and divided by the batch's trained-token count once,
+  so the update equals the full-batch one whatever `micro_batches` is.
+  """
+  grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
+
+  if micro_batches == 1:
+    (nll_sum, aux), grads = grad_fn(state.params, graphdef, batch, num_datasets)
+  else:
+    split = jax.tree.map(
+        lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
+
+    def accumulate(carry, micro):
+      (nll_i, aux_i), grads_i = grad_fn(state.params, graphdef, micro, num_datasets)
+      return jax.tree.map(jnp.add, carry, ((nll_i, aux_i), grads_i)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], split), num_datasets)))
+    ((nll_sum, aux), grads), _ = jax.lax.scan(accumulate, zeros, split)
+
+  tokens = jnp.maximum(aux['tokens'], 1.0)
+  loss = nll_sum / tokens
+  grads = jax.tree.map(lambda g: g / tokens, grads)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  # A non-finite step leaves parameters and optimizer state untouched.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      bad_steps=jnp.where(finite, 0, state.bad_steps + 1),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+  )
+  metrics = {
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'tokens': aux['tokens'],
+      'dataset_nll': aux['dataset_nll'],
+      'dataset_tokens': aux['dataset_tokens'],
+      'finite': finite,
+      'bad_steps': state.bad_steps,
+  }
+  return state, metrics
+
+
+def example_nll(graphdef, params, batch):
+  """Per-row mean NLL over trained tokens and the final hidden states, from one forward."""
+  out = _forward(graphdef, params, batch)
+  nll = loss_lib.token_nll(out.logits, batch['targets'])
+  mean_nll, valid = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
+  return mean_nll, valid, out.hidden
+
+
+def reward_step(params, reference_params, batch, *, graphdef, reference_graphdef=None,
+                num_datasets: int, with_embeddings: bool = True):
+  """The reward forward over one batch from every dataset (rows grouped by dataset).
+
+  batch leaves are [b * N, ...], example-major (row j * N + i is example j of dataset i), so that
+  host-local blocks concatenate into the same layout on any number of hosts. Returns per-dataset
+  pooled embeddings [N, D] (Eq. 7) and per-example mean NLL [N, b] under theta; and under theta_0
+  either from `reference_params` (kept on device) or from the batch's cached `nll0` rows.
+  """
+  from mos_jax.mixing import rewards  # Deferred: mixing imports nothing from here.
+
+  nll, valid, hidden = example_nll(graphdef, params, batch)
+  per_dataset = lambda x: x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
+  out = {'nll': per_dataset(nll), 'valid': per_dataset(valid)}
+  if with_embeddings:
+    token_mask = (batch['segment_ids'] > 0).astype(jnp.float32)
+    out['embeddings'] = jax.vmap(rewards.pooled_embedding)(
+        per_dataset(hidden.astype(jnp.float32)), per_dataset(token_mask))  # [N, D]
+  if reference_params is not None:
+    nll0, _, _ = example_nll(reference_graphdef or graphdef, reference_params, batch)
+    out['nll0'] = per_dataset(nll0)
+  elif 'nll0' in batch:
+    out['nll0'] = per_dataset(batch['nll0'])
+  return out
+
+
+def eval_step(params, batch, *, graphdef):
+  """Summed masked NLL and trained-token count of a dev batch (token-weighted dev loss)."""
+  out = _forward(graphdef, params, batch)
+  nll = loss_lib.token_nll(out.logits, batch['targets'])
+  row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])
+  return row_nll.sum(), row_tokens.sum()
+
+
+def reference_nll_step(params, batch, *, graphdef):
+  """Per-example mean NLL for the theta_0 cache pass."""
+  nll, _, _ = example_nll(graphdef, params, batch)
+  return nll
+
+

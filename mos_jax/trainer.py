@@ -1,0 +1,365 @@
+"""The training loop: Algorithm 1 of the paper around the pure steps in `mos_jax.steps`.
+
+`build(config, workdir)` makes everything a run needs (mesh, data, model, jitted steps, state,
+checkpoints, metrics) and `train(run)` drives it. This is the one place where steps are jitted
+with shardings and donation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mos_jax import checkpoint as checkpoint_lib
+from mos_jax import config as config_lib
+from mos_jax import distributed
+from mos_jax import metrics as metrics_lib
+from mos_jax import mixing
+from mos_jax import models
+from mos_jax import plots
+from mos_jax import reference
+from mos_jax import report
+from mos_jax import sharding
+from mos_jax import steps
+from mos_jax.data import build_data
+
+log = logging.getLogger(__name__)
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (e.g. too many non-finite updates in a row)."""
+
+
+@dataclasses.dataclass
+class Run:
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  data: Any  # mos_jax.data.DataBundle
+  strategy: Any  # mos_jax.mixing.Strategy
+  state: steps.TrainState
+  train_fn: Callable  # (state, batch) -> (state, metrics), jitted, state donated.
+  reward_fn: Callable | None  # (params, batch) -> reward outputs, jitted.
+  mixing_fn: Callable | None  # (mixing_state, reward outputs) -> (mixing_state, info), jitted.
+  eval_fn: Callable  # (params, batch) -> (nll sum, tokens), jitted.
+  probs_fn: Callable  # mixing_state -> probabilities [N], jitted.
+  reference_tables: dict | None  # theta_0 NLL per example (DIFF with the cache).
+  checkpointer: Any
+  writer: Any
+  start_step: int
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _shardings_like_params(tree, param_shardings, mesh):
+  """Optimizer-state shardings: a leaf whose path ends with a parameter's path (Adam's mu/nu)
+  takes that parameter's sharding; everything else (counts) is replicated."""
+  by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  depth = max((len(p) for p in by_path), default=0)
+
+  def one(path, leaf):
+    for n in range(min(depth, len(path)), 0, -1):
+      s = by_path.get(tuple(path[-n:]))
+      if s is not None and len(s.spec) <= leaf.ndim:
+        return s
+    return sharding.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _build_model(config, mesh, vocab_size: int):
+  m = config.model
+  dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+  if m.hf_checkpoint:
+    model = models.load_hf(m.hf_checkpoint, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+  else:
+    model_config = models.get_preset(m.preset, vocab_size=vocab_size, dtype=m.dtype,
+                                     param_dtype=m.param_dtype)
+    model = models.init_model(model_config, config.seed, mesh=mesh)
+  options = {'remat': m.remat, 'scan_layers': m.scan_layers,
+             'attention_impl': m.attention_impl or None}
+  model.config = dataclasses.replace(model.config, **options)
+  if model.config.vocab_size < vocab_size:
+    raise ValueError(f'The tokenizer has {vocab_size} tokens but the model only '
+                     f'{model.config.vocab_size} embeddings (model.hf_checkpoint / model.preset).')
+  return model
+
+
+def build(config, workdir: str) -> Run:
+  """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
+  distributed.initialize()
+  is_main = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  data = build_data(config, process_index=jax.process_index(),
+                    process_count=jax.process_count())
+  names = data.names
+  num_datasets = len(names)
+  strategy = mixing.make_strategy(config.mixing, names, data.sizes)
+
+  with jax.set_mesh(mesh):
+    model = _build_model(config, mesh, len(data.tokenizer))
+    graphdef, param_state = nnx.split(model, nnx.Param)
+    param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
+    params = nnx.to_pure_dict(param_state)
+    del model, param_state
+
+    optimizer = steps.make_optimizer(config.train)
+    opt_state = jax.jit(optimizer.init)(params)
+    opt_shardings = _shardings_like_params(opt_state, param_shardings, mesh)
+    opt_state = jax.device_put(opt_state, opt_shardings)
+    mixing_state = mixing.init_mixing_state(config.mixing, data.sizes,
+                                            jax.random.key(config.seed + 1))
+    replicated = sharding.replicated(mesh)
+    mixing_state = jax.device_put(mixing_state, replicated)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+    state = steps.TrainState(step=zero, params=params, opt_state=opt_state, mixing=mixing_state,
+                             bad_steps=zero, skipped_steps=zero)
+    state_shardings = steps.TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings,
+        mixing=jax.tree.map(lambda _: replicated, mixing_state), bad_steps=replicated,
+        skipped_steps=replicated)
+
+  batch_sharding = sharding.batch_sharding(mesh, 1)
+  train_fn = jax.jit(
+      functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
+                        num_datasets=num_datasets, micro_batches=config.train.micro_batches),
+      in_shardings=(state_shardings, None), out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
+                    in_shardings=(param_shardings, None), out_shardings=replicated)
+  probs_fn = jax.jit(functools.partial(mixing.probs_of, min_prob=config.mixing.min_prob))
+
+  reward_fn = mixing_fn = reference_tables = None
+  if strategy.updates_scorer:
+    reference_params = reference_graphdef = None
+    if strategy.needs_reference and config.mixing.diff_reference == 'device':
+      ref_dtype = DTYPES[config.mixing.reference_dtype]
+      # theta_0 is the initial model; a resumed run rebuilds it the same way before restoring.
+      reference_params = jax.jit(
+          lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
+          out_shardings=param_shardings)(state.params)
+      reference_graphdef = graphdef
+    elif strategy.needs_reference and config.mixing.diff_reference != 'cache':
+      raise ValueError(f"config.mixing.diff_reference must be 'cache' or 'device', got "
+                       f'{config.mixing.diff_reference!r}.')
+    reward_step = jax.jit(
+        functools.partial(steps.reward_step, graphdef=graphdef,
+                          reference_graphdef=reference_graphdef, num_datasets=num_datasets,
+                          with_embeddings=strategy.needs_embeddings),
+        in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
+                      None), out_shardings=replicated)
+    reward_fn = lambda params, batch: reward_step(params, reference_params, batch)
+    update = mixing.make_update_fn(config.mixing)
+
+    def mixing_update(mixing_state, reward_out):
+      raw = mixing.compute_rewards(strategy, reward_out.get('embeddings'), reward_out['nll'],
+                                   reward_out.get('nll0'), reward_out['valid'])
+      return update(mixing_state, raw)
+
+    mixing_fn = jax.jit(mixing_update, out_shardings=replicated)
+    if strategy.needs_reference and config.mixing.diff_reference == 'cache':
+      nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef),
+                         in_shardings=(param_shardings, None), out_shardings=replicated)
+      to_global = functools.partial(distributed.host_local_to_global, mesh=mesh)
+      reference_tables = reference.load_or_compute(
+          os.path.join(workdir, 'reference_nll'), data, reference.model_key(config),
+          lambda batch: nll_step(state.params, batch), to_global,
+          batch_size=config.data.eval_batch_size, write=is_main)
+
+  checkpointer = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
+      async_save=config.train.async_checkpoints)
+  start_step = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, _ = checkpointer.restore(latest, _abstract(state, state_shardings), data.train)
+    start_step = latest
+    log.info('Resumed from %s at step %d.', checkpointer.directory, latest)
+
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_lib.config_to_json(config))
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
+  return Run(config=config, workdir=workdir, mesh=mesh, data=data, strategy=strategy,
+             state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
+             eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
+             checkpointer=checkpointer, writer=writer, start_step=start_step)
+
+
+def _stack_reward_batches(batches: dict, names) -> dict:
+  """One batch from every dataset as [b * N] rows, example-major, so that host-local blocks
+  concatenate into a global [b, N] layout on any number of hosts."""
+  first = batches[names[0]]
+  return {k: np.stack([batches[n][k] for n in names], axis=1).reshape(
+      (-1,) + first[k].shape[1:]) for k in first}
+
+
+def evaluate(run: Run) -> dict[str, float]:
+  """Token-weighted dev loss per dataset."""
+  out = {}
+  limit = run.config.train.eval_batches
+  for name in run.data.names:
+    nll_sum = tokens = 0.0
+    for i, batch in enumerate(run.data.dev_batches(name)):
+      if limit and i >= limit:
+        break
+      s, t = run.eval_fn(run.state.params, distributed.host_local_to_global(batch, run.mesh))
+      nll_sum, tokens = nll_sum + float(s), tokens + float(t)
+    out[f'eval/{name}/loss'] = nll_sum / max(tokens, 1.0)
+  return out
+
+
+def update_mixture(run: Run) -> dict[str, float]:
+  """Algorithm 1 lines 6-11: rewards from one batch of every dataset, then the scorer update."""
+  names = run.data.names
+  local = run.data.train.reward_batches()
+  batch = _stack_reward_batches(local, names)
+  if run.reference_tables is not None:
+    batch['nll0'] = reference.lookup(run.reference_tables, names, batch)
+  reward_out = run.reward_fn(run.state.params, distributed.host_local_to_global(batch, run.mesh))
+  new_mixing, info = run.mixing_fn(run.state.mixing, reward_out)
+  run.state = run.state.replace(mixing=new_mixing)
+  info = jax.device_get(info)
+  out = {}
+  for i, name in enumerate(names):
+    out[f'reward/{name}'] = float(info['reward'][i])
+    out[f'reward_raw/{name}'] = float(info['raw_reward'][i])
+  return out
+
+
+def current_probs(run: Run) -> np.ndarray:
+  return np.asarray(jax.device_get(run.probs_fn(run.state.mixing)), np.float64)
+
+
+class _Window:
+  """Train metrics accumulated on the host between two log lines (token-weighted)."""
+
+  def __init__(self, num_datasets):
+    self.pending = []
+    self.num_datasets = num_datasets
+
+  def add(self, metrics):
+    self.pending.append(metrics)
+
+  def flush(self, names) -> dict[str, float]:
+    if not self.pending:
+      return {}
+    got = jax.device_get(self.pending)
+    self.pending = []
+    tokens = sum(float(m['tokens']) for m in got)
+    nll = sum(float(m['loss']) * float(m['tokens']) for m in got if m['finite'])
+    out = {'train/loss': nll / max(tokens, 1.0),
+           'train/grad_norm': float(np.mean([m['grad_norm'] for m in got])),
+           'train/tokens': tokens}
+    ds_nll = np.sum([m['dataset_nll'] for m in got if m['finite']] or [0.0], axis=0)
+    ds_tokens = np.sum([m['dataset_tokens'] for m in got], axis=0)
+    for i, name in enumerate(names):
+      if ds_tokens[i] > 0:
+        out[f'train/loss/{name}'] = float(ds_nll[i] / ds_tokens[i])
+    return out
+
+
+def train(run: Run) -> dict:
+  """Runs from `run.start_step` to `config.train.steps`; returns the summary."""
+  config, data, names = run.config, run.data, run.data.names
+  tc = config.train
+  is_main = jax.process_index() == 0
+  num_datasets = len(names)
+  data.train.set_probabilities(current_probs(run))
+
+  if run.start_step == 0:
+    first = {'step': 0, **_mixture_metrics(current_probs(run), names), **evaluate(run)}
+    run.writer.write(first)
+
+  progress = None
+  if is_main and tc.progress_bar:
+    from tqdm.auto import tqdm
+    progress = tqdm(total=tc.steps, initial=run.start_step, dynamic_ncols=True, desc='train')
+  window = _Window(num_datasets)
+  previous = None  # The last step's metrics, read one step late so the device never idles.
+  window_start, window_first_step = time.perf_counter(), run.start_step
+  try:
+    for step in range(run.start_step + 1, tc.steps + 1):
+      batch = next(data.train)
+      run.state, metrics = run.train_fn(run.state,
+                                        distributed.host_local_to_global(batch, run.mesh))
+      window.add(metrics)
+      if previous is not None:
+        _check_finite(previous, tc.max_bad_steps)
+      previous = metrics
+
+      line = {}
+      if run.strategy.updates_scorer and step % config.mixing.update_every == 0:
+        line.update(update_mixture(run))
+        probs = current_probs(run)
+        data.train.set_probabilities(probs)
+        line.update(_mixture_metrics(probs, names))
+      last = step == tc.steps
+      if step % tc.log_every == 0 or last:
+        _check_finite(metrics, tc.max_bad_steps)
+        line.update(window.flush(names))
+        elapsed = time.perf_counter() - window_start
+        line['perf/tokens_per_s'] = line['train/tokens'] / max(elapsed, 1e-9)
+        line['perf/step_s'] = elapsed / max(1, step - window_first_step)
+        line['train/lr'] = steps.learning_rate(tc, step)
+        line['train/skipped_steps'] = int(jax.device_get(run.state.skipped_steps))
+        line.update(_mixture_metrics(current_probs(run), names))
+        window_start, window_first_step = time.perf_counter(), step
+        if progress is not None:
+          progress.set_postfix_str(_progress_text(line, names))
+      if (tc.eval_every and step % tc.eval_every == 0) or last:
+        line.update(evaluate(run))
+      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
+        # Windows restart at checkpoints, so a resumed run logs exactly what an
+        # uninterrupted one does.
+        if step % tc.log_every and not last:
+          line.update(window.flush(names))
+        run.checkpointer.save(step, run.state, data.train, {'names': names, 'step': step})
+      if line:
+        run.writer.write({'step': step, **line})
+      if progress is not None:
+        progress.update(1)
+  finally:
+    if progress is not None:
+      progress.close()
+    run.checkpointer.wait()
+    run.writer.close()
+  run.checkpointer.close()
+  summary = report.summarize(os.path.join(run.workdir, 'metrics.jsonl'), names)
+  if is_main:
+    plots.write_plots(run.workdir)
+    print(report.format_summary(summary))
+  return summary
+
+
+def _check_finite(metrics, max_bad_steps):
+  bad = int(jax.device_get(metrics['bad_steps']))
+  if bad >= max_bad_steps:
+    raise TrainingError(
+        f'{bad} non-finite updates in a row (loss or gradient is NaN/inf); stopping. Those updates '
+        f'were skipped, the last checkpoint is intact. Lower train.lr, check the data, or raise '
+        f'train.max_bad_steps.')
+
+
+def _mixture_metrics(probs, names):
+  return {f'mixture/{n}': float(p) for n, p in zip(names, probs)}
+
+
+def _progress_text(line, names):
+  mix = ' '.join(f'{n[:6]}={line[f"mixture/{n}"]:.2f}' for n in names)
+  return f'loss={line["train/loss"]:.3f} tok/s={line["perf/tokens_per_s"]:.0f} {mix}'
