@@ -64,24 +64,31 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
   """Maps a tuple of logical names to a PartitionSpec of mesh axes.
 
   When `shape` and `mesh` are given, a dimension that the mesh axes do not divide is left
-  replicated rather than failing (e.g. 2 KV heads on a tensor axis of 4).
+  replicated rather than failing (e.g. 2 KV heads on a tensor axis of 4). `fsdp` only stores
+  the array, so when its dimension does not divide it moves to the largest dimension it does.
   """
   if not logical:
     return P()
   used: set[str] = set()
-  out = []
+  dropped: list[str] = []
+  out: list[Any] = []
   for dim, name in enumerate(logical):
-    axes = LOGICAL_RULES.get(name) if name is not None else None
     if name is not None and name not in LOGICAL_RULES:
       raise KeyError(f'Logical axis {name!r} has no rule in mos_jax.sharding.LOGICAL_RULES.')
+    axes = LOGICAL_RULES.get(name) if name is not None else None
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     axes = tuple(a for a in axes if a not in used)  # A mesh axis may shard one dimension only.
     if mesh is not None:
       axes = tuple(a for a in axes if mesh.shape[a] > 1)
       if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+        dropped.extend(axes)
         axes = ()
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  if 'fsdp' in dropped and 'fsdp' not in used:
+    free = [d for d in range(len(out)) if out[d] is None and shape[d] % mesh.shape['fsdp'] == 0]
+    if free:
+      out[max(free, key=lambda d: shape[d])] = 'fsdp'
   return P(*out)
 
 
@@ -109,3 +116,44 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def opt_state_shardings(optimizer, abstract_params, param_shardings, mesh: jax.sharding.Mesh):
+  """Shardings for `optimizer.init(params)`: moments like their params, the rest replicated.
+
+  `jax.jit(optimizer.init)` on sharded params does not propagate: the moments are fresh zeros
+  and land on one device, so pass these as its `out_shardings`. (An `nnx.Optimizer`'s state
+  keeps each param's `out_sharding` metadata; `state_shardings` covers it directly.)
+  """
+  import optax
+
+  abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+  return optax.tree_utils.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract_state, param_shardings,
+      transform_non_params=lambda _: replicated(mesh))
+
+
+def sharded_abstract(abstract, shardings):
+  """ShapeDtypeStructs that carry shardings: AOT lowering inputs and Orbax restore targets."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def unsharded_large_params(tree, min_size: int = 2**16, axis: str = 'fsdp') -> list[str]:
+  """Paths of arrays with >= min_size elements that are not split over mesh `axis`.
+
+  `tree` holds arrays or `sharded_abstract` structs. Empty when the axis has size 1: the check
+  is that nothing large is silently replicated across FSDP shards.
+  """
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if math.prod(leaf.shape) < min_size:
+      continue
+    sharding = getattr(leaf, 'sharding', None)
+    if isinstance(sharding, NamedSharding):
+      if sharding.mesh.shape.get(axis, 1) == 1:
+        continue
+      if any(axis == a or (isinstance(a, tuple) and axis in a) for a in sharding.spec):
+        continue
+    bad.append(jax.tree_util.keystr(path).removesuffix('.value'))  # nnx.Variable adds .value
+  return bad
