@@ -4,6 +4,8 @@ Recipes in `configs/` call `base_config()` and override what they need, so the s
 declared once. Command-line overrides use ml_collections: `--config.train.lr=3e-5`.
 """
 
+import json
+
 import ml_collections
 
 
@@ -91,3 +93,21 @@ def dataset(path: str, format: str = '', split: str = 'train', max_examples: int
   d.max_examples = max_examples  # Cap on examples read (0 = all).
   d.dev_examples = dev_examples  # Examples held out for dev evaluation (paper: 1K).
   return d
+
+
+def _json_safe(value):
+  """inf/nan -> 'inf'/'nan' (strict JSON has no literal for them), tuples -> lists."""
+  if isinstance(value, float) and value != value:
+    return 'nan'
+  if isinstance(value, float) and abs(value) == float('inf'):
+    return 'inf' if value > 0 else '-inf'
+  if isinstance(value, dict):
+    return {k: _json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(v) for v in value]
+  return value
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """Strict JSON text of a config (for `workdir/config.json` and checkpoint metadata)."""
+  return json.dumps(_json_safe(config.to_dict()), indent=2, allow_nan=False)

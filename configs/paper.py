@@ -1,0 +1,22 @@
+"""The paper's main runs (§4.1, Table 2): MoS + EMA on MathInstruct, MedInstruct, ShareGPT and P3.
+
+    python -m mos_jax.train --config configs/paper.py:llama-cossim --workdir runs/llama-cossim
+
+Variants `<model>-<reward>`: model qwen (Qwen1.5-0.5B), gemma (Gemma-2B), llama (Llama-3-8B);
+reward cossim or diff. Static baselines of Table 2 on the same data and model:
+
+    --config.mixing.strategy=static --config.mixing.prior_temperature=1    # PROP. (tau = 1)
+    --config.mixing.strategy=static --config.mixing.prior_temperature=10   # TEMP. (tau = 10)
+    --config.mixing.strategy=static --config.mixing.prior_temperature=inf  # UNI. (tau = inf)
+
+Produces in the workdir: metrics.jsonl, tb/, mixture.png (cf. Figure 2), loss.png (cf. Figure 3),
+checkpoints/, config.json. Needs the local model folder and data files named in mos_jax/recipes.py.
+"""
+
+from mos_jax import recipes
+
+VARIANTS = recipes.variants()  # The `:arg` suffixes this file accepts (tests load each one).
+
+
+def get_config(arg: str = 'qwen-cossim'):
+  return recipes.paper_config_from_arg(arg)

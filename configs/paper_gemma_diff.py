@@ -1,0 +1,12 @@
+"""MoS + DIFF + EMA on Gemma-2B with the paper's four datasets (§4.1, Table 2).
+
+    python -m mos_jax.train --config configs/paper_gemma_diff.py --workdir runs/gemma-diff
+
+Same as configs/paper.py:gemma-diff; see that file for the static baselines and the outputs.
+"""
+
+from mos_jax import recipes
+
+
+def get_config():
+  return recipes.paper_config('gemma', 'diff')  # Every setting is the paper's (mos_jax/recipes.py).
