@@ -73,7 +73,7 @@ def plan(source=None, environ: Mapping[str, str] | None = None) -> tuple[str, di
       return 'single process (SLURM_NTASKS=1)', None
     kwargs: dict[str, Any] = dict(devices)
     # jax maps SLURM_LOCALID to one device per process; with one task per node, use all GPUs.
-    per_node = env.get('SLURM_NTASKS_PER_NODE') or env.get('SLURM_STEP_TASKS_PER_NODE', '')
+    per_node = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_NTASKS_PER_NODE', '')
     gpus = env.get('SLURM_GPUS_ON_NODE')
     if per_node.split('(')[0] == '1' and gpus and not kwargs:
       kwargs['local_device_ids'] = list(range(int(gpus)))

@@ -111,6 +111,9 @@ SLURM = dict(SLURM_JOB_ID='7', SLURM_STEP_NODELIST='gpu[01-02]', SLURM_PROCID='3
     (dict(SLURM, SLURM_NTASKS='16', SLURM_NTASKS_PER_NODE='8', SLURM_GPUS_ON_NODE='8'), None, {}),
     (dict(SLURM, SLURM_NTASKS='2', SLURM_NTASKS_PER_NODE='1', SLURM_GPUS_ON_NODE='8'), None,
      dict(local_device_ids=list(range(8)))),
+    # The step's layout (srun --ntasks-per-node=1) wins over the allocation's (8 per node).
+    (dict(SLURM, SLURM_NTASKS='2', SLURM_NTASKS_PER_NODE='8', SLURM_STEP_TASKS_PER_NODE='1(x2)',
+          SLURM_GPUS_ON_NODE='4'), None, dict(local_device_ids=list(range(4)))),
 ])
 def test_distributed_plan(env, flags, expected):
   assert distributed.plan(flags, env)[1] == expected

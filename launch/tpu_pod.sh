@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Train on a Cloud TPU VM slice: create (or reuse) it, copy this repo to every worker, install
+# the TPU build of jax, run the same train command on all workers, fetch their logs.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_pod.sh --tpu-name NAME --zone ZONE [options] [--config.KEY=VALUE ...]
+
+Options:
+  --tpu-name NAME          TPU VM name (reused when it exists)                     [required]
+  --zone ZONE              e.g. us-central2-b (v4), us-west4-a (v5e)                [required]
+  --accelerator-type TYPE  v4-8, v4-32, v5litepod-8 (v5e-8 is accepted), v5p-8, v6e-8 (default v4-8)
+  --version VERSION        TPU VM runtime (default: the base image for the accelerator)
+  --project PROJECT        Google Cloud project (default: gcloud's configured one)
+  --spot                   create a Spot (preemptible) slice
+  --config FILE[:ARG]      recipe, relative to the repo (default: configs/demo.py)
+  --workdir DIR            run folder; use gs://BUCKET/... on multi-host slices (default: runs/tpu)
+  --remote-dir DIR         where the repo goes on each worker, relative to home (default: mos_jax)
+  --log-dir DIR            local folder for the workers' logs (default: launch-logs/NAME)
+  --python BIN             interpreter on the workers (default: python3)
+  --skip-install           reuse the packages already installed on the workers
+  --delete                 delete the TPU VM after the run (and after fetching logs)
+  --dry-run                print the commands instead of running them
+  -h, --help               this help
+Any --config.KEY=VALUE (e.g. --config.mesh.fsdp=-1) and anything after `--` goes to the trainer.
+EOF
+}
+
+die() { echo "launch/tpu_pod.sh: $*" >&2; echo "Run with --help for usage." >&2; exit 2; }
+
+show() {
+  local out=() a
+  for a in "$@"; do
+    if [[ $a =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$a"); else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  echo "${out[*]}"
+}
+
+need() { (($1 > 1)) || die "$2 needs a value"; }
+
+name='' zone='' accel=v4-8 version='' project='' spot=0 config=configs/demo.py workdir=runs/tpu
+remote_dir=mos_jax log_dir='' python=python3 install=1 delete=0 dry_run=0 extra=()
+while (($#)); do
+  case $1 in
+    --tpu-name) need $# "$1"; name=$2; shift 2 ;;
+    --zone) need $# "$1"; zone=$2; shift 2 ;;
+    --accelerator-type) need $# "$1"; accel=$2; shift 2 ;;
+    --version) need $# "$1"; version=$2; shift 2 ;;
+    --project) need $# "$1"; project=$2; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --config) need $# "$1"; config=$2; shift 2 ;;
+    --workdir) need $# "$1"; workdir=$2; shift 2 ;;
+    --remote-dir) need $# "$1"; remote_dir=$2; shift 2 ;;
+    --log-dir) need $# "$1"; log_dir=$2; shift 2 ;;
+    --python) need $# "$1"; python=$2; shift 2 ;;
+    --skip-install) install=0; shift ;;
+    --delete) delete=1; shift ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --config.*|--noconfig.*) extra+=("$1"); shift ;;
+    --) shift; extra+=("$@"); break ;;
+    *) die "unknown argument: $1" ;;
+  esac
+done
+[[ -n $name ]] || die "--tpu-name is required"
+[[ -n $zone ]] || die "--zone is required"
+accel=${accel/#v5e-/v5litepod-}  # gcloud calls v5e slices v5litepod-N.
+if [[ -z $version ]]; then
+  case $accel in
+    v4-*) version=tpu-ubuntu2204-base ;;
+    v5litepod-*) version=v2-alpha-tpuv5-lite ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) die "unknown accelerator type $accel: pass --version" ;;
+  esac
+fi
+[[ $workdir == gs://* ]] || echo "launch/tpu_pod.sh: note: --workdir $workdir is on each worker's" \
+  "own disk; a multi-host slice needs a shared gs:// workdir for checkpoints." >&2
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+jax_version=$(sed -n 's/^jax==//p' "$root/requirements.txt")
+log_dir=${log_dir:-launch-logs/$name}
+tarball=${TMPDIR:-/tmp}/mos_jax-$name.tgz
+gcloud_tpu=(gcloud compute tpus tpu-vm)
+where=(--zone="$zone" ${project:+--project="$project"})
+create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$accel" --version="$version")
+((spot)) && create+=(--spot)
+
+# The same quoted command line runs on every worker; process 0 writes metrics and checkpoints.
+train=("$python" -m mos_jax.train --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})
+remote_train="set -o pipefail; mkdir -p ~/mos_jax_logs && cd ~/$remote_dir && MOS_DISTRIBUTED=auto $(show "${train[@]}") 2>&1 | tee ~/mos_jax_logs/train-\$(hostname).log"
+remote_install="cd ~/$remote_dir && $python -m pip install -q -r requirements.txt && $python -m pip install -q -U \"jax[tpu]==$jax_version\""
+
+run() { if ((dry_run)); then show "$@"; else "$@"; fi; }
+
+if ((dry_run)); then
+  echo "# reuse $name if this succeeds, else create it:"
+  show "${gcloud_tpu[@]}" describe "$name" "${where[@]}"
+  show "${create[@]}"
+elif "${gcloud_tpu[@]}" describe "$name" "${where[@]}" >/dev/null 2>&1; then
+  echo "Reusing TPU VM $name."
+else
+  run "${create[@]}"
+fi
+run tar -czf "$tarball" -C "$root" --exclude=.git --exclude=runs --exclude=launch-logs \
+  --exclude=__pycache__ --exclude=.venv .
+run "${gcloud_tpu[@]}" scp "$tarball" "$name:~/mos_jax.tgz" "${where[@]}" --worker=all
+run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all \
+  --command="mkdir -p ~/$remote_dir && tar -xzf ~/mos_jax.tgz -C ~/$remote_dir"
+if ((install)); then
+  run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_install"
+fi
+status=0
+run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_train" || status=$?
+run mkdir -p "$log_dir"
+run "${gcloud_tpu[@]}" scp --recurse "$name:~/mos_jax_logs" "$log_dir" "${where[@]}" --worker=all
+if ((delete)); then
+  run "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet
+fi
+exit "$status"
