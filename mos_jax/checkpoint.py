@@ -35,11 +35,11 @@ class Checkpointer:
     The loader state is read now, so the iterator may advance while the arrays are written.
     `data_iterator=None` saves no loader position (restore must then pass None too).
     """
+    if step in self._manager.all_steps():
+      return False
     items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    if step in self._manager.all_steps():
-      return False
     return self._manager.save(step, args=ocp.args.Composite(**items))
 
   def restore(self, step: int, abstract_state: Any,

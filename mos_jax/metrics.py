@@ -69,7 +69,9 @@ class MetricsWriter:
     self._file = open(self._path, 'a', buffering=1)  # Line-buffered: whole lines reach disk.
     # Imported here so processes other than 0 never touch TensorBoard.
     from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
+    # purge_step hides events of the abandoned run past the restored step (or all, when fresh).
+    self._tb = SummaryWriter(os.path.join(workdir, TB_DIR),
+                             purge_step=0 if resume_step is None else resume_step + 1)
 
   def _truncate(self, resume_step: int | None) -> None:
     """Keeps the lines with step <= resume_step; a fresh run (None) starts an empty file."""

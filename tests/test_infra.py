@@ -156,6 +156,33 @@ def test_checkpoint_restores_onto_another_sharding(tmp_path):
   np.testing.assert_array_equal(state['w'], _toy_state(1)['w'])
 
 
+_MESH_MOVE = """
+import sys, jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from mos_jax.checkpoint import Checkpointer, abstract_like
+four = jax.make_mesh((4,), ('fsdp',), devices=jax.devices()[:4])
+w = jax.device_put(np.arange(32.0).reshape(8, 4), NamedSharding(four, P('fsdp')))
+with Checkpointer(sys.argv[1], keep=1, async_save=True) as ckpt:
+  ckpt.save(5, {'w': w}, None, {})
+two = jax.make_mesh((2,), ('tensor',), devices=jax.devices()[4:6])
+target = NamedSharding(two, P(None, 'tensor'))
+with Checkpointer(sys.argv[1], keep=1) as ckpt:
+  state, _ = ckpt.restore(5, abstract_like({'w': w}, {'w': target}))
+assert state['w'].sharding == target, state['w'].sharding
+assert {d.id for d in state['w'].devices()} == {4, 5}
+np.testing.assert_array_equal(state['w'], np.arange(32.0).reshape(8, 4))
+print('moved')
+"""
+
+
+def test_checkpoint_moves_between_meshes(tmp_path):
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  run = subprocess.run([sys.executable, '-c', _MESH_MOVE, str(tmp_path / 'ckpt')],
+                       capture_output=True, text=True, env=env)
+  assert run.returncode == 0 and 'moved' in run.stdout, run.stderr[-2000:]
+
+
 # --- recipes and the config command line ---------------------------------------------------------
 
 RECIPES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
