@@ -18,7 +18,7 @@ _CONFIG = cli.define_config_flag()
 
 def main(argv):
   del argv
-  config = cli.get_config(_CONFIG)
+  config = _CONFIG.value
   logging.getLogger().setLevel(logging.INFO)
   from mos_jax import trainer  # Imported after flag parsing: it pulls in jax and the data stack.
   trainer.train(trainer.build(config, _WORKDIR.value))
@@ -26,4 +26,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

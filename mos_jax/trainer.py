@@ -60,11 +60,6 @@ class Run:
   start_step: int
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 def _shardings_like_params(tree, param_shardings, mesh):
   """Optimizer-state shardings: a leaf whose path ends with a parameter's path (Adam's mu/nu)
   takes that parameter's sharding; everything else (counts) is replicated."""
@@ -141,7 +136,8 @@ def build(config, workdir: str) -> Run:
       donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
                     in_shardings=(param_shardings, None), out_shardings=replicated)
-  probs_fn = jax.jit(functools.partial(mixing.probs_of, min_prob=config.mixing.min_prob))
+  min_prob = float(config.mixing.min_prob)
+  probs_fn = jax.jit(lambda mixing_state: mixing.probs(mixing_state.params, min_prob))
 
   reward_fn = mixing_fn = reference_tables = None
   if strategy.updates_scorer:
@@ -186,7 +182,8 @@ def build(config, workdir: str) -> Run:
   start_step = 0
   latest = checkpointer.latest_step()
   if latest is not None:
-    state, _ = checkpointer.restore(latest, _abstract(state, state_shardings), data.train)
+    state, _ = checkpointer.restore(
+        latest, checkpoint_lib.abstract_like(state, state_shardings), data.train)
     start_step = latest
     log.info('Resumed from %s at step %d.', checkpointer.directory, latest)
 
@@ -194,7 +191,7 @@ def build(config, workdir: str) -> Run:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.config_to_json(config))
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step or None)
   return Run(config=config, workdir=workdir, mesh=mesh, data=data, strategy=strategy,
              state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
              eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
@@ -283,8 +280,7 @@ def train(run: Run) -> dict:
   data.train.set_probabilities(current_probs(run))
 
   if run.start_step == 0:
-    first = {'step': 0, **_mixture_metrics(current_probs(run), names), **evaluate(run)}
-    run.writer.write(first)
+    run.writer.write(0, {**_mixture_metrics(current_probs(run), names), **evaluate(run)})
 
   progress = None
   if is_main and tc.progress_bar:
@@ -331,7 +327,7 @@ def train(run: Run) -> dict:
           line.update(window.flush(names))
         run.checkpointer.save(step, run.state, data.train, {'names': names, 'step': step})
       if line:
-        run.writer.write({'step': step, **line})
+        run.writer.write(step, line)
       if progress is not None:
         progress.update(1)
   finally:

@@ -1,0 +1,263 @@
+"""The training step and loop: loss arithmetic, accumulation, skipping, rewards, exact resume."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mos_jax import metrics as metrics_lib
+from mos_jax import models
+from mos_jax import steps
+from mos_jax import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(tmp_path, **train):
+  """The shipped demo recipe, shrunk to a few steps and pointed at a per-test data folder."""
+  sys.path.insert(0, os.path.join(REPO, 'configs'))
+  try:
+    import demo as demo_recipe
+  finally:
+    sys.path.pop(0)
+  config = demo_recipe.get_config()
+  data_dir = str(tmp_path / 'demo_data')
+  from mos_jax.data import demo
+  config.data.demo_dir = data_dir
+  config.data.tokenizer = os.path.join(data_dir, 'tokenizer')
+  for name, entry in demo.config_entries(data_dir).items():
+    config.data.datasets[name].path = entry.path
+  config.train.progress_bar = False
+  config.train.async_checkpoints = False
+  for key, value in train.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  return config
+
+
+def _tiny_model(vocab=64):
+  cfg = models.get_preset('tiny', vocab_size=vocab)
+  return models.Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+def _random_batch(rng, rows, length, vocab, num_datasets=2):
+  tokens = rng.integers(0, vocab, (rows, length)).astype(np.int32)
+  lengths = rng.integers(length // 2, length + 1, rows)
+  segment_ids = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  loss_mask = (segment_ids * (rng.random((rows, length)) < 0.6)).astype(np.float32)
+  loss_mask[:, 0] = 1.0
+  return {
+      'tokens': tokens,
+      'targets': np.roll(tokens, -1, axis=1),
+      'loss_mask': loss_mask,
+      'positions': np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+      'segment_ids': segment_ids,
+      'dataset_ids': (np.arange(rows) % num_datasets).astype(np.int32),
+      'example_ids': np.arange(rows, dtype=np.int32),
+  }
+
+
+def _state(model, optimizer):
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(params)
+  zero = jnp.zeros((), jnp.int32)
+  return graphdef, steps.TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                                    mixing=(), bad_steps=zero, skipped_steps=zero)
+
+
+def _numpy_masked_loss(logits, batch):
+  logits = np.asarray(logits, np.float64)
+  logits = logits - logits.max(-1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  rows, length = batch['targets'].shape
+  nll = -logp[np.arange(rows)[:, None], np.arange(length)[None], batch['targets']]
+  return (nll * batch['loss_mask']).sum() / batch['loss_mask'].sum()
+
+
+def test_train_step_loss_and_accumulation():
+  import ml_collections
+  tc = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, warmup_fraction=0.1, grad_clip=1.0,
+                                      b1=0.9, b2=0.999, weight_decay=0.0))
+  optimizer = steps.make_optimizer(tc)
+  model = _tiny_model()
+  batch = _random_batch(np.random.default_rng(0), 8, 12, 64)
+  logits = model(batch['tokens'], positions=batch['positions'],
+                 segment_ids=batch['segment_ids']).logits
+  expected = _numpy_masked_loss(logits, batch)
+
+  results = []
+  for micro in (1, 4):
+    graphdef, state = _state(model, optimizer)
+    fn = jax.jit(lambda s, b, m=micro: steps.train_step(
+        s, b, graphdef=graphdef, optimizer=optimizer, num_datasets=2, micro_batches=m))
+    state, metrics = fn(state, batch)
+    state, _ = fn(state, batch)  # The second step uses a non-zero learning rate.
+    results.append((metrics, state))
+    np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
+    # Per-dataset sums add up to the whole.
+    np.testing.assert_allclose(float(metrics['dataset_tokens'].sum()), batch['loss_mask'].sum())
+  leaves = [jax.tree.leaves(s.params) for _, s in results]
+  for a, b in zip(*leaves):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_non_finite_update_is_skipped():
+  import ml_collections
+  tc = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, warmup_fraction=0.0, grad_clip=1.0,
+                                      b1=0.9, b2=0.999, weight_decay=0.0))
+  optimizer = steps.make_optimizer(tc)
+  graphdef, state = _state(_tiny_model(), optimizer)
+  params = jax.tree.map(lambda x: x, state.params)
+  first = jax.tree_util.tree_leaves_with_path(params)[0][0]
+  poisoned = jax.tree_util.tree_map_with_path(
+      lambda p, x: x.at[(0,) * x.ndim].set(jnp.nan) if p == first else x, params)
+  state = state.replace(params=poisoned)
+  batch = _random_batch(np.random.default_rng(1), 4, 8, 64)
+  new, metrics = steps.train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
+                                  num_datasets=2)
+  assert not bool(metrics['finite'])
+  assert int(new.bad_steps) == 1 and int(new.skipped_steps) == 1 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(poisoned)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _metric_lines(workdir):
+  rows = metrics_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
+  return [{k: v for k, v in r.items() if not k.startswith('perf/')} for r in rows]
+
+
+def _resume_config(tmp_path):
+  return demo_config(tmp_path, train__steps=8, train__checkpoint_every=4, train__log_every=2,
+                     train__eval_every=4, train__eval_batches=1)
+
+
+def test_resume_gives_identical_metrics_and_params(tmp_path):
+  config = _resume_config(tmp_path)
+  config.mixing.update_every = 2
+  straight = str(tmp_path / 'straight')
+  run = trainer.build(config, straight)
+  trainer.train(run)
+  final_straight = jax.tree.leaves(jax.device_get(run.state))
+
+  resumed = str(tmp_path / 'resumed')
+  run = trainer.build(copy.deepcopy(config), resumed)
+  loader = run.data.train
+  real_next = type(loader).__next__
+  calls = {'n': 0}
+
+  class Crash(Exception):
+    pass
+
+  def crashing_next(self):
+    calls['n'] += 1
+    if calls['n'] > 5:  # Dies in step 6, after the checkpoint at step 4.
+      raise Crash()
+    return real_next(self)
+
+  type(loader).__next__ = crashing_next
+  try:
+    with pytest.raises(Crash):
+      trainer.train(run)
+  finally:
+    type(loader).__next__ = real_next
+  run = trainer.build(copy.deepcopy(config), resumed)
+  assert run.start_step == 4
+  trainer.train(run)
+  final_resumed = jax.tree.leaves(jax.device_get(run.state))
+
+  assert _metric_lines(straight) == _metric_lines(resumed)
+  assert any('reward/' in k for line in _metric_lines(resumed) for k in line)
+  for a, b in zip(final_straight, final_resumed):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_diff_reward_is_one_at_start_cache_matches_device(tmp_path):
+  rewards = {}
+  for reference in ('device', 'cache'):
+    config = demo_config(tmp_path, train__steps=1)
+    config.mixing.diff_reference = reference
+    config.mixing.ema = False
+    run = trainer.build(config, str(tmp_path / reference))
+    trainer.update_mixture(run)
+    rewards[reference] = np.asarray(jax.device_get(run.state.mixing.last_reward))
+  np.testing.assert_array_equal(rewards['device'], np.ones_like(rewards['device']))
+  np.testing.assert_allclose(rewards['cache'], rewards['device'], rtol=1e-5)
+  assert os.listdir(tmp_path / 'cache' / 'reference_nll')
+
+
+def test_static_strategy_keeps_prior_and_computes_no_rewards(tmp_path):
+  config = demo_config(tmp_path, train__steps=4, train__log_every=2, train__eval_every=0)
+  config.mixing.strategy = 'static'
+  config.mixing.prior_temperature = 1.0
+  workdir = str(tmp_path / 'static')
+  run = trainer.build(config, workdir)
+  trainer.train(run)
+  lines = _metric_lines(workdir)
+  sizes = np.asarray(run.data.sizes, np.float64)
+  for name, size in zip(run.data.names, sizes):
+    assert lines[-1][f'mixture/{name}'] == pytest.approx(size / sizes.sum(), rel=1e-5)
+  assert not any(k.startswith('reward/') for line in lines for k in line)
+
+
+def test_demo_loss_falls_over_50_steps(tmp_path):
+  config = demo_config(tmp_path, train__steps=50, train__log_every=10, train__eval_every=0,
+                       train__checkpoint_every=0, train__eval_batches=1)
+  workdir = str(tmp_path / 'fifty')
+  run = trainer.build(config, workdir)
+  summary = trainer.train(run)
+  losses = [r['train/loss'] for r in _metric_lines(workdir) if 'train/loss' in r]
+  assert losses[-1] < 0.8 * losses[0], losses
+  for name, d in summary['datasets'].items():
+    assert d['dev_loss_after'] < d['dev_loss_before'], name
+
+
+def test_too_many_non_finite_updates_stop_the_run(tmp_path):
+  config = demo_config(tmp_path, train__steps=30, train__lr=1e30, train__max_bad_steps=3,
+                       train__warmup_fraction=0.0, train__checkpoint_every=0)
+  config.mixing.strategy = 'static'
+  with pytest.raises(trainer.TrainingError, match='non-finite'):
+    trainer.train(trainer.build(config, str(tmp_path / 'bad')))
+
+
+def test_train_command_end_to_end(tmp_path):
+  """The README's main job, shrunk: files of the run folder contract, then a resume."""
+  data_dir = tmp_path / 'demo_data'
+  workdir = tmp_path / 'run'
+  base = [sys.executable, '-m', 'mos_jax.train', '--config', 'configs/demo.py',
+          '--workdir', str(workdir), f'--config.data.demo_dir={data_dir}',
+          f'--config.data.tokenizer={data_dir}/tokenizer', '--config.train.log_every=2',
+          '--config.train.eval_every=2', '--config.train.eval_batches=1',
+          '--config.mixing.update_every=2', '--config.train.checkpoint_every=2']
+  from mos_jax.data import demo
+  paths = [f'--config.data.datasets.{n}.path={e.path}'
+           for n, e in demo.config_entries(str(data_dir)).items()]
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  done = subprocess.run(base + paths + ['--config.train.steps=4'], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'dev loss before -> after' in done.stdout
+  for name in ('metrics.jsonl', 'config.json', 'mixture.png', 'loss.png'):
+    assert (workdir / name).stat().st_size > 0, name
+  assert os.listdir(workdir / 'tb') and os.listdir(workdir / 'checkpoints')
+  json.loads((workdir / 'config.json').read_text())
+  lines = metrics_lib.read_metrics(str(workdir / 'metrics.jsonl'))
+  names = list(demo.config_entries(str(data_dir)))
+  assert all(f'mixture/{n}' in lines[-1] for n in names)
+  assert any(f'reward/{names[0]}' in line for line in lines)
+  assert any(f'eval/{names[0]}/loss' in line for line in lines)
+
+  again = subprocess.run(base + paths + ['--config.train.steps=4'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'Resumed' in again.stderr + again.stdout
+
+  wrong = subprocess.run(base + paths + ['--config.train.lrr=1'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+  assert wrong.returncode != 0 and 'train.lrr' in wrong.stderr + wrong.stdout
