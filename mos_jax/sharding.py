@@ -65,12 +65,13 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
 
   When `shape` and `mesh` are given, a dimension that the mesh axes do not divide is left
   replicated rather than failing (e.g. 2 KV heads on a tensor axis of 4). `fsdp` only stores
-  the array, so when its dimension does not divide it moves to the largest dimension it does.
+  the array (it is gathered before use), so an array that the table leaves without it, such as
+  a norm scale or a bias, takes it on its largest dimension that it divides (never 'layers',
+  which scan slices).
   """
   if not logical:
     return P()
   used: set[str] = set()
-  dropped: list[str] = []
   out: list[Any] = []
   for dim, name in enumerate(logical):
     if name is not None and name not in LOGICAL_RULES:
@@ -81,12 +82,12 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
     if mesh is not None:
       axes = tuple(a for a in axes if mesh.shape[a] > 1)
       if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
-        dropped.extend(axes)
         axes = ()
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-  if 'fsdp' in dropped and 'fsdp' not in used:
-    free = [d for d in range(len(out)) if out[d] is None and shape[d] % mesh.shape['fsdp'] == 0]
+  if mesh is not None and shape is not None and mesh.shape['fsdp'] > 1 and 'fsdp' not in used:
+    free = [d for d, name in enumerate(logical)
+            if out[d] is None and name != 'layers' and shape[d] % mesh.shape['fsdp'] == 0]
     if free:
       out[max(free, key=lambda d: shape[d])] = 'fsdp'
   return P(*out)
