@@ -1,0 +1,270 @@
+"""build_data: read, convert, template, tokenize every dataset once, and wire up the loaders."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import zlib
+
+import numpy as np
+
+from mos_jax.data import demo
+from mos_jax.data import formats
+from mos_jax.data import mixture
+from mos_jax.data import pipeline
+from mos_jax.data import sources
+from mos_jax.data import templates
+from mos_jax.data import tokenize as tokenize_lib
+
+
+@dataclasses.dataclass
+class _Dataset:
+  train: pipeline.ExampleSource
+  dev: pipeline.ExampleSource
+  dev_records: list[dict]  # Raw records of the dev split, aligned with dev example ids.
+  fingerprint: str
+
+
+class DataBundle:
+  """Everything the trainer needs from the data (see docs/interfaces.md)."""
+
+  def __init__(self, names, datasets, tokenizer, stats, train, settings):
+    self.names: list[str] = list(names)
+    self.sizes: list[int] = [len(datasets[n].train) for n in names]
+    self.tokenizer = tokenizer
+    self.stats: dict[str, dict] = stats
+    self.train: mixture.MixtureIterator = train
+    self._datasets = datasets
+    self._s = settings
+
+  def _index(self, name: str) -> int:
+    if name not in self._datasets:
+      raise KeyError(f'unknown dataset {name!r}; datasets: {self.names}')
+    return self.names.index(name)
+
+  def dev_batches(self, name: str):
+    """This host's eval_batch_size // process_count rows per batch over the dev split, in order."""
+    s = self._s
+    return pipeline.finite_batches(
+        self._datasets[name].dev, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
+        s['buckets'], s['process_index'], s['process_count'])
+
+  def full_pass_batches(self, name: str, batch_size: int):
+    """Every train example once, in order, batch_size // process_count rows per host and batch;
+    host p holds examples p, p + P, ... (the shard its reward batches come from)."""
+    s = self._s
+    rows = _host_rows(batch_size, s['process_count'], 'full_pass_batches(batch_size)')
+    return pipeline.finite_batches(
+        self._datasets[name].train, self._index(name), rows, s['pad_id'], s['max_len'],
+        s['buckets'], s['process_index'], s['process_count'])
+
+  def fingerprint(self, name: str) -> str:
+    """Hash of the tokenized train split and the settings that shaped it."""
+    self._index(name)
+    return self._datasets[name].fingerprint
+
+  def example(self, name: str, index: int, split: str = 'train') -> dict:
+    """One tokenized example: {'ids', 'trained', 'example_id'} (for inspection and tests)."""
+    self._index(name)
+    return getattr(self._datasets[name], split)[index]
+
+  def dev_records(self, name: str) -> list[dict]:
+    """The raw dev records (with e.g. an `answer` field), indexed by dev example id."""
+    self._index(name)
+    return self._datasets[name].dev_records
+
+  def close(self) -> None:
+    self.train.close()
+
+
+def _host_rows(global_rows: int, process_count: int, key: str) -> int:
+  if global_rows <= 0 or global_rows % process_count:
+    raise ValueError(f'{key}={global_rows} must be a positive multiple of the process count '
+                     f'({process_count})')
+  return global_rows // process_count
+
+
+def _seed(*parts) -> int:
+  return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
+
+
+def _tokenizer_path(config) -> str:
+  path = config.data.tokenizer or config.model.get('hf_checkpoint', '')
+  if not path and config.data.demo_dir:
+    path = demo.tokenizer_dir(config.data.demo_dir)
+  if not path:
+    raise ValueError('no tokenizer: set data.tokenizer (or model.hf_checkpoint) to a local folder')
+  return path
+
+
+def load_tokenizer(path: str):
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(os.path.expanduser(path)):
+    raise ValueError(f'tokenizer folder {path} does not exist')
+  tok = AutoTokenizer.from_pretrained(os.path.expanduser(path))
+  if not tok.is_fast:
+    raise ValueError(f'tokenizer at {path} has no fast (Rust) version; offsets are needed for '
+                     'the loss mask')
+  return tok
+
+
+def _convert(name: str, records: sources.Records, fmt: str, on_error: str):
+  """Records -> (conversations, their record indices, number skipped)."""
+  convs, kept, skipped = [], [], 0
+  for i, row in enumerate(records.rows):
+    try:
+      convs.append(formats.to_conversation(row, fmt))
+      kept.append(i)
+    except formats.RecordError as e:
+      if on_error == 'skip':
+        skipped += 1
+        continue
+      raise ValueError(f'dataset {name!r}: {records.where(i)}: {e} (format {fmt})') from None
+  return convs, kept, skipped
+
+
+def _render(name: str, template, convs, where):
+  out = []
+  for k, conv in enumerate(convs):
+    try:
+      out.append(template.render(conv))
+    except templates.TemplateError as e:
+      raise ValueError(f'dataset {name!r}: {where(k)}: {e}') from None
+  return out
+
+
+def _split_dev(name: str, n: int, dev: int):
+  if dev < 0 or dev >= n:
+    raise ValueError(f'dataset {name!r}: dev_examples={dev} leaves no training examples out of {n}')
+  # Seeded by the dataset name only: the dev set stays the same across runs and seeds.
+  perm = np.random.default_rng(zlib.crc32(name.encode())).permutation(n)
+  return np.sort(perm[dev:]), np.sort(perm[:dev])
+
+
+def _fingerprint(table, settings: dict) -> str:
+  h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+  for column in ('input_ids', 'trained'):
+    arr = table.column(column).combine_chunks()
+    h.update(arr.offsets.to_numpy().tobytes())
+    h.update(arr.values.to_numpy().tobytes())
+  return h.hexdigest()
+
+
+def _mean(total: int, count: int) -> float:
+  return round(total / count, 2) if count else 0.0
+
+
+def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBundle:
+  """Reads, tokenizes and wires up every dataset of `config.data` (see docs/interfaces.md)."""
+  d = config.data
+  names = list(d.datasets.keys())
+  if not names:
+    raise ValueError('config.data.datasets is empty: add at least one dataset(...)')
+  if d.mix_per not in mixture.MIX_PER:
+    raise ValueError(f'data.mix_per must be one of {mixture.MIX_PER}, got {d.mix_per!r}')
+  if d.max_len <= 0:
+    raise ValueError(f'data.max_len must be positive, got {d.max_len}')
+  rows = _host_rows(config.train.batch_size, process_count, 'train.batch_size')
+  reward_rows = _host_rows(d.reward_batch_size, process_count, 'data.reward_batch_size')
+  eval_rows = _host_rows(d.eval_batch_size, process_count, 'data.eval_batch_size')
+  buckets = tuple(int(b) for b in d.buckets)
+  if buckets and process_count > 1:
+    raise ValueError('data.buckets needs a single process: hosts would pad to different lengths')
+  if d.demo_dir:
+    demo.ensure_demo(d.demo_dir)
+  tokenizer = load_tokenizer(_tokenizer_path(config))
+  pad_id = tokenizer.pad_token_id
+  if pad_id is None:
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+  datasets, stats = {}, {}
+  for name in names:
+    entry = d.datasets[name]
+    records = sources.load_records(name, entry.path, entry.get('split', 'train'),
+                                   entry.get('max_examples', 0), d.on_error)
+    if not records.rows:
+      raise ValueError(f'dataset {name!r} is empty ({entry.path})')
+    fmt = entry.get('format', '')
+    if not fmt:
+      fields = set().union(*(r.keys() for r in records.rows[:100]))
+      fmt = formats.detect_format(fields)
+      if not fmt:
+        raise ValueError(f'dataset {name!r}: cannot tell the format from fields {sorted(fields)}; '
+                         f'set its format to one of {", ".join(formats.FORMATS)}')
+    if fmt not in formats.FORMATS:
+      raise ValueError(f'dataset {name!r}: unknown format {fmt!r}; '
+                       f'known: {", ".join(formats.FORMATS)}')
+    convs, record_ids, bad = _convert(name, records, fmt, d.on_error)
+    if not convs:
+      raise ValueError(f'dataset {name!r} is empty after skipping {bad} bad records')
+    try:
+      template = templates.make_template(tokenizer, d.template)
+      if isinstance(template, templates.HFTemplate):
+        template.check_against(convs[0])
+    except templates.TemplateError as e:
+      raise ValueError(f'dataset {name!r}: {e}') from None
+    train_idx, dev_idx = _split_dev(name, len(convs), int(entry.get('dev_examples', 0)))
+    where = lambda k: records.where(record_ids[k])  # pylint: disable=cell-var-from-loop
+    rendered = _render(name, template, convs, where)
+    split_tables, counts = {}, tokenize_lib.Counts()
+    dev_kept = None
+    for split, idx in (('train', train_idx), ('dev', dev_idx)):
+      table, kept, c = tokenize_lib.tokenize([rendered[i] for i in idx], tokenizer, d.max_len,
+                                             d.truncation, d.train_on_prompt)
+      split_tables[split] = table
+      counts.add(c)
+      if split == 'dev':
+        dev_kept = idx[kept]
+    if len(split_tables['train']) < process_count:
+      raise ValueError(
+          f'dataset {name!r}: {len(split_tables["train"])} training examples left after '
+          f'tokenization ({counts.dropped_too_long} too long, {counts.dropped_no_target} with '
+          f'nothing to train on), fewer than the {process_count} hosts')
+    settings = {'path': entry.path, 'format': fmt, 'max_examples': entry.get('max_examples', 0),
+                'dev_examples': entry.get('dev_examples', 0), 'max_len': d.max_len,
+                'truncation': d.truncation, 'train_on_prompt': d.train_on_prompt,
+                'template': d.template or tokenizer.chat_template}
+    datasets[name] = _Dataset(
+        train=pipeline.ExampleSource(split_tables['train']),
+        dev=pipeline.ExampleSource(split_tables['dev']),
+        dev_records=[records.rows[record_ids[i]] for i in dev_kept],
+        fingerprint=_fingerprint(split_tables['train'], settings))
+    stats[name] = {
+        'format': fmt,
+        'records': len(records.rows),
+        'skipped_records': records.skipped + bad,
+        'train_examples': len(split_tables['train']),
+        'dev_examples': len(split_tables['dev']),
+        'tokens': counts.prompt_tokens + counts.response_tokens,
+        'mean_prompt_len': _mean(counts.prompt_tokens, counts.kept),
+        'mean_response_len': _mean(counts.response_tokens, counts.kept),
+        'truncated': counts.truncated,
+        'dropped_too_long': counts.dropped_too_long,
+        'dropped_no_target': counts.dropped_no_target,
+    }
+
+  if d.num_workers:
+    _parse_flags_for_workers()
+  train_streams, reward_streams = [], []
+  for i, name in enumerate(names):
+    shard = dict(process_index=process_index, process_count=process_count)
+    train_streams.append(pipeline.endless_rows(datasets[name].train, pipeline.StreamSpec(
+        seed=_seed(config.seed, i, 1), packing=d.packing, max_len=d.max_len,
+        num_workers=d.num_workers, **shard)))
+    reward_streams.append(pipeline.endless_rows(datasets[name].train, pipeline.StreamSpec(
+        seed=_seed(config.seed, i, 2), **shard)))
+  spec = mixture.MixtureSpec(
+      names=tuple(names), seed=int(config.seed), rows=rows, reward_rows=reward_rows,
+      max_len=d.max_len, pad_id=int(pad_id), buckets=buckets, mix_per=d.mix_per,
+      process_index=process_index, process_count=process_count)
+  train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
+  settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,
+              'buckets': buckets, 'process_index': process_index, 'process_count': process_count}
+  return DataBundle(names, datasets, tokenizer, stats, train, settings)
+
+
+def _parse_flags_for_workers() -> None:
+  """Grain's worker processes read absl flags; outside an absl app nobody has parsed them."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(['mos_jax'], known_only=True)

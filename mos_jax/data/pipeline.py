@@ -1,0 +1,185 @@
+"""Per-dataset Grain pipelines over the tokenized Arrow table, and batch collation.
+
+Rows are variable length until collation pads them (to max_len or the smallest bucket that fits).
+This module imports only numpy, pyarrow and grain: worker processes unpickle what lives here.
+"""
+
+import dataclasses
+import sys
+
+import grain
+import numpy as np
+import pyarrow as pa
+
+from grain import experimental as grain_experimental
+
+ROW_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')
+_PACKING_BINS = 8  # Rows packed together before they are emitted (first-fit).
+
+
+class ExampleSource(grain.sources.RandomAccessDataSource):
+  """Random access to tokenized examples: numpy views of the Arrow table's list buffers."""
+
+  def __init__(self, table: pa.Table):
+    self._table = table
+    self._views()
+
+  def _views(self):
+    ids = self._table.column('input_ids').combine_chunks()
+    flags = self._table.column('trained').combine_chunks()
+    self._offsets = ids.offsets.to_numpy()
+    self._ids = ids.values.to_numpy()
+    self._flags = flags.values.to_numpy()
+
+  def __getstate__(self):
+    return {'table': self._table}
+
+  def __setstate__(self, state):
+    self._table = state['table']
+    self._views()
+
+  def __len__(self) -> int:
+    return len(self._offsets) - 1
+
+  def __getitem__(self, index: int) -> dict:
+    lo, hi = self._offsets[index], self._offsets[index + 1]
+    return {'ids': self._ids[lo:hi], 'trained': self._flags[lo:hi], 'example_id': int(index)}
+
+  def __repr__(self) -> str:
+    return f'ExampleSource({len(self)} examples)'
+
+
+class EndlessShuffle(grain.MapDataset):
+  """The parent repeated forever, epoch e in the order of a permutation seeded by (seed, e).
+
+  Grain's own `shuffle` computes each index with a cipher (~60 us per element here); one cached
+  numpy permutation per epoch costs the same once per epoch.
+  """
+
+  def __init__(self, parent: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    if not len(parent):
+      raise ValueError('cannot shuffle an empty dataset')
+    self._seed = seed
+    self._epoch, self._perm = -1, None
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f'EndlessShuffle(seed={self._seed})'
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, offset = divmod(index, len(self._parent))
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
+    return self._parent[int(self._perm[offset])]
+
+
+def to_row(example: dict) -> dict:
+  """An example -> one unpadded row: inputs, next-token targets and their loss mask."""
+  ids = example['ids']
+  n = len(ids) - 1
+  return {
+      'tokens': ids[:-1].astype(np.int32),
+      'targets': ids[1:].astype(np.int32),
+      'loss_mask': example['trained'][1:].astype(np.float32),
+      'positions': np.arange(n, dtype=np.int32),
+      'segment_ids': np.ones(n, np.int32),
+      'example_id': example['example_id'],
+  }
+
+
+def _strip_id(row: dict) -> dict:
+  return {k: row[k] for k in ('tokens', 'targets', 'loss_mask')}
+
+
+def _from_packed(packed: dict) -> dict:
+  return {
+      'tokens': packed['tokens'], 'targets': packed['targets'], 'loss_mask': packed['loss_mask'],
+      'positions': packed['tokens_positions'], 'segment_ids': packed['tokens_segment_ids'],
+      'example_id': -1,
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+  """What shapes one endless per-dataset stream."""
+  seed: int
+  process_index: int = 0
+  process_count: int = 1
+  packing: bool = False
+  max_len: int = 0
+  num_workers: int = 0
+
+
+def endless_rows(source: ExampleSource, spec: StreamSpec) -> grain.IterDataset:
+  """This host's shard, shuffled anew every epoch (seeded), repeated forever, as rows."""
+  ds = grain.MapDataset.source(source)[spec.process_index::spec.process_count]
+  ds = EndlessShuffle(ds, spec.seed).map(to_row)
+  # Data is in memory: reader threads would only contend for the GIL.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  if spec.packing:
+    length = spec.max_len
+    it = grain_experimental.FirstFitPackIterDataset(
+        it.map(_strip_id), length_struct={'tokens': length, 'targets': length, 'loss_mask': length},
+        num_packing_bins=_PACKING_BINS, shuffle_bins=False).map(_from_packed)
+  if spec.num_workers:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.num_workers))
+  return it
+
+
+def pick_length(lengths, max_len: int, buckets) -> int:
+  """max_len, or the smallest bucket that holds the longest row."""
+  longest = max(lengths)
+  for b in sorted(buckets):
+    if b >= longest:
+      return min(b, max_len)
+  return max_len
+
+
+def collate(rows: list[dict], dataset_ids, length: int, pad_id: int) -> dict:
+  """Stacks rows into a batch padded to `length` (see docs/interfaces.md for the keys)."""
+  b = len(rows)
+  batch = {
+      'tokens': np.full((b, length), pad_id, np.int32),
+      'targets': np.full((b, length), pad_id, np.int32),
+      'loss_mask': np.zeros((b, length), np.float32),
+      'positions': np.zeros((b, length), np.int32),
+      'segment_ids': np.zeros((b, length), np.int32),
+  }
+  for r, row in enumerate(rows):
+    n = len(row['tokens'])
+    for key in ROW_KEYS:
+      batch[key][r, :n] = row[key]
+  batch['dataset_ids'] = np.asarray(dataset_ids, np.int32).reshape(b)
+  batch['example_ids'] = np.asarray([row['example_id'] for row in rows], np.int32)
+  return batch
+
+
+def padding_row(row: dict) -> dict:
+  """A copy of a real row with nothing to train on: fills the last batch of a finite pass
+  (a real sequence keeps attention well defined where an all-padding row might not)."""
+  return dict(row, loss_mask=np.zeros_like(row['loss_mask']), example_id=-1)
+
+
+def finite_batches(source: ExampleSource, dataset_id: int, rows_per_batch: int, pad_id: int,
+                   max_len: int, buckets, process_index: int = 0, process_count: int = 1):
+  """Every example of this host's shard once, in order; every host yields the same number of
+  batches (ceil of the largest shard), the last padded with rows whose loss_mask is 0."""
+  total = len(source)
+  if total == 0:
+    return
+  largest_shard = -(-total // process_count)
+  num_batches = -(-largest_shard // rows_per_batch)
+  mine = range(process_index, total, process_count)
+  filler = padding_row(to_row(source[0]))
+  for k in range(num_batches):
+    chunk = mine[k * rows_per_batch:(k + 1) * rows_per_batch]
+    rows = [to_row(source[i]) for i in chunk]
+    rows += [filler] * (rows_per_batch - len(rows))
+    length = pick_length([len(r['tokens']) for r in rows], max_len, buckets)
+    yield collate(rows, [dataset_id] * rows_per_batch, length, pad_id)
