@@ -257,16 +257,16 @@ def config_entries(out_dir: str) -> dict:
           for name, s in SKILLS.items()}
 
 
-_OUT = flags.DEFINE_string('out', None, 'Folder to write the demo skills and tokenizer into.')
-
-
 def main(argv):
   del argv
-  for name, path in ensure_demo(_OUT.value).items():
+  out = flags.FLAGS.out
+  for name, path in ensure_demo(out).items():
     print(f'{name:6s} {SKILLS[name].format:16s} {SKILLS[name].size:5d} examples  {path}')
-  print(f'tokenizer {tokenizer_dir(_OUT.value)}')
+  print(f'tokenizer {tokenizer_dir(out)}')
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('out')
+  # Defined here, not at import: build_data imports this module inside other programs.
+  flags.DEFINE_string('out', None, 'Folder to write the demo skills and tokenizer into.',
+                      required=True)
   app.run(main)

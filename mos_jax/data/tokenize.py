@@ -18,7 +18,7 @@ _CHUNK = 1024  # Texts per call to the fast tokenizer.
 class Counts:
   examples: int = 0  # Conversations tokenized.
   kept: int = 0
-  truncated: int = 0  # Longer than max_len and cut (still kept if something trainable is left).
+  truncated: int = 0  # Longer than max_len, cut, and kept (something trainable was left).
   dropped_too_long: int = 0  # Longer than max_len under truncation='drop'.
   dropped_no_target: int = 0  # No trainable token (left): no assistant turn, or cut off.
   prompt_tokens: int = 0  # Untrained target tokens of kept examples.
@@ -58,16 +58,17 @@ def tokenize(rendered: list[tuple[str, list]], tokenizer, max_len: int, truncati
         flags = np.ones(len(ids), np.uint8)
       else:
         flags = _trained_flags(np.asarray(offsets, np.int64).reshape(-1, 2), spans)
-      if len(ids) - 1 > max_len:
+      too_long = len(ids) - 1 > max_len
+      if too_long:
         if truncation == 'drop':
           counts.dropped_too_long += 1
           continue
-        counts.truncated += 1
         ids, flags = ids[:max_len + 1], flags[:max_len + 1]
       response = int(flags[1:].sum())
       if response == 0:
         counts.dropped_no_target += 1
         continue
+      counts.truncated += too_long
       counts.kept += 1
       counts.response_tokens += response
       counts.prompt_tokens += len(ids) - 1 - response
