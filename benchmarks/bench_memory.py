@@ -36,6 +36,30 @@ def fp32_state(optimizer):
       optimizer.update)
 
 
+def constrain_activations():
+  """Pins the residual stream and the logits to batch sharding (sharding.constrain), by wrapping
+  the model's Block and Decoder calls: what mos_jax.models would do with two constrain() lines."""
+  from mos_jax import sharding
+  from mos_jax.models import decoder
+
+  block_call, decoder_call = decoder.Block.__call__, decoder.Decoder.from_embeddings
+
+  def block(self, x, *args):
+    return sharding.constrain(block_call(self, sharding.constrain(x, 'batch', None, 'embed'), *args),
+                              'batch', None, 'embed')
+
+  def from_embeddings(self, *args, **kwargs):
+    out = decoder_call(self, *args, **kwargs)
+    return out._replace(logits=sharding.constrain(out.logits, 'batch', None, 'vocab'))
+
+  decoder.Block.__call__, decoder.Decoder.from_embeddings = block, from_embeddings
+
+
+def decoder_patched() -> bool:
+  from mos_jax.models import decoder
+  return decoder.Block.__call__.__module__ == __name__
+
+
 def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
   """Lowers and compiles one train step for `preset` on all local devices; memory per device."""
   import jax
@@ -93,17 +117,19 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
       output_gib=round(mem.output_size_in_bytes / GIB, 3),
       alias_gib=round(mem.alias_size_in_bytes / GIB, 3),
       temp_gib=round(mem.temp_size_in_bytes / GIB, 3),
+      constrained=decoder_patched(),
       peak_gib=round((mem.argument_size_in_bytes + mem.output_size_in_bytes
                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / GIB, 3),
       unsharded=unsharded)
 
 
-def run_devices(devices: int, presets, batch: int, seq: int, timeout: float) -> list[dict]:
+def run_devices(devices: int, presets, batch: int, seq: int, timeout: float,
+                constrain: bool) -> list[dict]:
   """One subprocess per device count: XLA_FLAGS must be set before jax starts."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, os.path.abspath(__file__), '--child', '--presets', *presets,
-         '--batch', str(batch), '--seq', str(seq)]
+         '--batch', str(batch), '--seq', str(seq)] + (['--constrain'] if constrain else [])
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode:
@@ -129,15 +155,19 @@ def main():
   p.add_argument('--seq', type=int, default=1024, help='tokens per row')
   p.add_argument('--timeout', type=float, default=3600, help='seconds per device count')
   p.add_argument('--json', default='', help='also write the rows here')
+  p.add_argument('--constrain', action='store_true',
+                 help='pin activations to batch sharding (see constrain_activations)')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
+    if args.constrain:
+      constrain_activations()
     for preset in args.presets:
       print(json.dumps(measure(preset, args.batch, args.seq)), flush=True)
     return
   rows = []
   for devices in args.devices:
-    rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout)
+    rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout, args.constrain)
   print(table(rows))
   if args.json:
     with open(args.json, 'w') as f:

@@ -64,10 +64,7 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
   """Maps a tuple of logical names to a PartitionSpec of mesh axes.
 
   When `shape` and `mesh` are given, a dimension that the mesh axes do not divide is left
-  replicated rather than failing (e.g. 2 KV heads on a tensor axis of 4). `fsdp` only stores
-  the array (it is gathered before use), so an array that the table leaves without it, such as
-  a norm scale or a bias, takes it on its largest dimension that it divides (never 'layers',
-  which scan slices).
+  replicated rather than failing (e.g. 2 KV heads on a tensor axis of 4).
   """
   if not logical:
     return P()
@@ -85,11 +82,6 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
         axes = ()
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-  if mesh is not None and shape is not None and mesh.shape['fsdp'] > 1 and 'fsdp' not in used:
-    free = [d for d, name in enumerate(logical)
-            if out[d] is None and name != 'layers' and shape[d] % mesh.shape['fsdp'] == 0]
-    if free:
-      out[max(free, key=lambda d: shape[d])] = 'fsdp'
   return P(*out)
 
 
@@ -98,16 +90,47 @@ def _logical_axes_of(variable) -> tuple | None:
   return meta.get('out_sharding') or meta.get('sharding_names')
 
 
+def _fsdp_storage(spec: P, logical, shape, mesh) -> P:
+  """FSDP only stores an array (it is gathered before use), so an array the table leaves whole
+  over `fsdp` (a norm scale, a bias, a dimension fsdp does not divide) takes fsdp on its largest
+  dimension that it divides; never 'layers', which scan slices."""
+  out = list(spec) + [None] * (len(shape) - len(spec))
+  if mesh.shape['fsdp'] == 1 or any(a == 'fsdp' or (isinstance(a, tuple) and 'fsdp' in a)
+                                    for a in out):
+    return spec
+  names = tuple(logical or ()) + (None,) * len(shape)
+  free = [d for d in range(len(shape))
+          if out[d] is None and names[d] != 'layers' and shape[d] % mesh.shape['fsdp'] == 0]
+  if free:
+    out[max(free, key=lambda d: shape[d])] = 'fsdp'
+  return P(*out)
+
+
 def state_shardings(state, mesh: jax.sharding.Mesh):
   """NamedShardings for an nnx.State (or abstract state) of Params carrying logical axes."""
   from flax import nnx
 
   def one(variable):
     value = variable.get_value() if hasattr(variable, 'get_value') else variable.value
-    spec = logical_to_mesh_spec(_logical_axes_of(variable), getattr(value, 'shape', None), mesh)
+    logical, shape = _logical_axes_of(variable), getattr(value, 'shape', None)
+    spec = logical_to_mesh_spec(logical, shape, mesh)
+    if shape is not None:
+      spec = _fsdp_storage(spec, logical, shape, mesh)
     return variable.replace(NamedSharding(mesh, spec))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, *logical: str | None) -> jax.Array:
+  """Pins an activation to the table's layout, e.g. constrain(x, 'batch', None, 'embed').
+
+  Without it, propagation from FSDP-sharded weights can leave activations unsharded over the
+  batch (every device computing the whole batch). No-op outside a `jax.set_mesh` context.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_mesh_spec(logical, x.shape, mesh))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:

@@ -175,6 +175,25 @@ res['nu_spec'] = spec(adam.nu['down'].sharding, 2)
 res['count_replicated'] = adam.count.sharding.is_fully_replicated
 res['unsharded_ok'] = sharding.unsharded_large_params(
     {'params': params, 'opt': opt_state}, min_size=1000)
+# A checkpoint written on (1, 8, 1) restores onto (2, 2, 2): Orbax reshards to the target.
+import tempfile
+from mos_jax.checkpoint import Checkpointer
+params = jax.jit(lambda t: jax.tree.map(lambda p: p * jnp.arange(p.size).reshape(p.shape), t),
+                 out_shardings=param_sh)(params)
+ckpt = Checkpointer(tempfile.mkdtemp(), async_save=False)
+ckpt.save(1, {'params': params, 'opt': opt_state}, None, {})
+mesh2 = sharding.make_mesh(mesh_cfg(2, 2, 2))
+param_sh2 = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh2))
+target = sharding.sharded_abstract(
+    {'params': params_abs, 'opt': jax.eval_shape(tx.init, params_abs)},
+    {'params': param_sh2, 'opt': sharding.opt_state_shardings(tx, params_abs, param_sh2, mesh2)})
+restored, _ = ckpt.restore(1, target)
+ckpt.close()
+res['restored_equal'] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                            zip(jax.tree.leaves(restored['params']), jax.tree.leaves(params)))
+res['restored_spec'] = spec(restored['params']['up'].sharding, 2)
+res['restored_mu_spec'] = spec(restored['opt'][1][0].mu['up'].sharding, 2)
+
 bad_sh = dict(param_sh, up=sharding.replicated(mesh), down=sharding.NamedSharding(mesh, jax.P(None, 'tensor')))
 res['unsharded_bad'] = sharding.unsharded_large_params(
     sharding.sharded_abstract(params_abs, bad_sh), min_size=1000)
@@ -192,6 +211,14 @@ try:
   distributed.host_local_to_global({'tokens': np.zeros((12, 4), np.int32)}, mesh)
 except ValueError as e:
   res['batch_error'] = str(e)
+
+# Activations pinned by logical names: batch over (data, fsdp), MLP/vocab over tensor.
+mesh = sharding.make_mesh(mesh_cfg(2, 2, 2))
+with jax.set_mesh(mesh):
+  pinned = jax.jit(lambda x, y: (sharding.constrain(x * 2, 'batch', None, 'embed'),
+                                 sharding.constrain(y * 2, 'batch', None, 'mlp')))(
+      jnp.ones((8, 4, 16)), jnp.ones((8, 4, 16)))
+res['constrained'] = [spec(a.sharding, 3) for a in pinned]
 
 # The backbone's own parameters: every >= 2-D one split over fsdp, with and without scan.
 from mos_jax import models
@@ -244,10 +271,21 @@ def test_params_and_optimizer_state_are_fsdp_sharded(eight):
   assert eight['unsharded_ok'] == []
 
 
+def test_checkpoint_restores_onto_another_mesh(eight):
+  assert eight['restored_equal']
+  assert eight['restored_spec'] == [F, T] and eight['restored_mu_spec'] == [F, T]
+
+
 def test_unsharded_large_params_catches_replication(eight):
   # Replicated, or split over another axis only: both keep a full copy per FSDP shard.
   assert sorted(eight['unsharded_bad']) == ["['down']", "['up']"]
   assert eight['unsharded_small'] == []  # 64 x 256 is below that min_size.
+
+
+def test_constrain_pins_activations(eight):
+  assert eight['constrained'] == [[['data', 'fsdp'], None, None], [['data', 'fsdp'], None, T]]
+  x = np.ones((2, 3))
+  assert sharding.constrain(x, 'batch', None) is x  # No mesh context: untouched.
 
 
 def test_host_local_to_global_eight_devices(eight):
