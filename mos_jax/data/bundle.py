@@ -215,11 +215,13 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
       counts.add(c)
       if split == 'dev':
         dev_kept = idx[kept]
-    if len(split_tables['train']) < process_count:
+    left = len(split_tables['train'])
+    if left < max(process_count, 1):
       raise ValueError(
-          f'dataset {name!r}: {len(split_tables["train"])} training examples left after '
-          f'tokenization ({counts.dropped_too_long} too long, {counts.dropped_no_target} with '
-          f'nothing to train on), fewer than the {process_count} hosts')
+          f'dataset {name!r}: {left} training examples left after tokenization '
+          f'({counts.dropped_too_long} dropped as too long, {counts.dropped_no_target} with '
+          f'nothing to train on within data.max_len={d.max_len}); {process_count} hosts need one '
+          'each at least')
     settings = {'path': entry.path, 'format': fmt, 'max_examples': entry.get('max_examples', 0),
                 'dev_examples': entry.get('dev_examples', 0), 'max_len': d.max_len,
                 'truncation': d.truncation, 'train_on_prompt': d.train_on_prompt,

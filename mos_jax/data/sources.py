@@ -11,8 +11,6 @@ import glob
 import json
 import os
 
-import datasets
-
 _DATA_EXTENSIONS = ('.jsonl', '.json', '.parquet', '.arrow')
 
 
@@ -70,6 +68,12 @@ def _scan_json_lines(path: str, on_error: str) -> tuple[list[dict], list[int], i
   return rows, lines, skipped
 
 
+def _hf():
+  # Imported on use: Grain worker processes import this package and never need `datasets`.
+  import datasets  # pylint: disable=g-import-not-at-top
+  return datasets
+
+
 def _read_json(path: str, on_error: str) -> tuple[list[dict], _Segment, int]:
   with open(path, encoding='utf-8') as f:
     head = f.read(4096).lstrip()
@@ -85,21 +89,27 @@ def _read_json(path: str, on_error: str) -> tuple[list[dict], _Segment, int]:
       bad = next(k for k, r in enumerate(rows) if not isinstance(r, dict))
       raise ValueError(f'{path} record {bad}: expected a JSON object')
     return rows, _Segment(path, 0, len(rows), None, 'record'), 0
+  hf = _hf()
+  quiet = hf.utils.are_progress_bars_disabled()
+  hf.disable_progress_bars()  # A bar per small local file is noise.
   try:
-    table = datasets.load_dataset('json', data_files=path, split='train')
+    table = hf.load_dataset('json', data_files=path, split='train')
     rows = table.to_list()
     return rows, _Segment(path, 0, len(rows), None, 'line'), 0
   except Exception:  # pylint: disable=broad-except
     # Arrow's reader reports neither the line nor lets us skip it: find it ourselves.
     rows, lines, skipped = _scan_json_lines(path, on_error)
     return rows, _Segment(path, 0, len(rows), lines, 'line'), skipped
+  finally:
+    if not quiet:
+      hf.enable_progress_bars()
 
 
 def _read_table(path: str) -> list[dict]:
   if path.endswith('.parquet'):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    return datasets.Dataset(pq.read_table(path)).to_list()
-  return datasets.Dataset.from_file(path).to_list()
+    return _hf().Dataset(pq.read_table(path)).to_list()
+  return _hf().Dataset.from_file(path).to_list()
 
 
 def _data_files(folder: str, split: str) -> list[str]:
@@ -111,7 +121,7 @@ def _data_files(folder: str, split: str) -> list[str]:
 
 
 def _pick_split(loaded, split: str, name: str):
-  if isinstance(loaded, datasets.DatasetDict):
+  if isinstance(loaded, _hf().DatasetDict):
     if split not in loaded:
       raise ValueError(f'dataset {name!r}: split {split!r} not found; it has {sorted(loaded)}')
     return loaded[split]
@@ -134,7 +144,7 @@ def load_records(name: str, path: str, split: str = 'train', max_examples: int =
   files: list[str] = []
   if os.path.isdir(local):
     if _is_saved_dataset(local):
-      table = _pick_split(datasets.load_from_disk(local), split, name)
+      table = _pick_split(_hf().load_from_disk(local), split, name)
       rows = table.to_list()
       return _cap(Records(rows, [_Segment(local, 0, len(rows), None, 'row')], 0), max_examples)
     files = _data_files(local, split)
@@ -147,7 +157,7 @@ def load_records(name: str, path: str, split: str = 'train', max_examples: int =
     raise ValueError(f'dataset {name!r}: path {path} does not exist')
   else:
     try:
-      table = _pick_split(datasets.load_dataset(path, split=split), split, name)
+      table = _pick_split(_hf().load_dataset(path, split=split), split, name)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f'dataset {name!r}: {path} is not a local path and could not be loaded '
                        f'from the hub ({type(e).__name__}: {e})') from e
