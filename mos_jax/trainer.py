@@ -60,22 +60,6 @@ class Run:
   start_step: int
 
 
-def _shardings_like_params(tree, param_shardings, mesh):
-  """Optimizer-state shardings: a leaf whose path ends with a parameter's path (Adam's mu/nu)
-  takes that parameter's sharding; everything else (counts) is replicated."""
-  by_path = {path: s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
-  depth = max((len(p) for p in by_path), default=0)
-
-  def one(path, leaf):
-    for n in range(min(depth, len(path)), 0, -1):
-      s = by_path.get(tuple(path[-n:]))
-      if s is not None and len(s.spec) <= leaf.ndim:
-        return s
-    return sharding.replicated(mesh)
-
-  return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def _build_model(config, mesh, vocab_size: int):
   m = config.model
   dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
@@ -105,24 +89,25 @@ def build(config, workdir: str) -> Run:
   num_datasets = len(names)
   strategy = mixing.make_strategy(config.mixing, names, data.sizes)
 
-  with jax.set_mesh(mesh):
-    model = _build_model(config, mesh, len(data.tokenizer))
-    graphdef, param_state = nnx.split(model, nnx.Param)
-    param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
-    params = nnx.to_pure_dict(param_state)
-    del model, param_state
+  # The model is built outside the mesh context: its params carry logical names, which
+  # init_model/load_hf map to mesh axes themselves.
+  model = _build_model(config, mesh, len(data.tokenizer))
+  graphdef, param_state = nnx.split(model, nnx.Param)
+  param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
+  params = nnx.to_pure_dict(param_state)
+  del model, param_state
 
+  with jax.set_mesh(mesh):
     optimizer = steps.make_optimizer(config.train)
-    opt_state = jax.jit(optimizer.init)(params)
-    opt_shardings = _shardings_like_params(opt_state, param_shardings, mesh)
-    opt_state = jax.device_put(opt_state, opt_shardings)
+    opt_shardings = sharding.opt_state_shardings(optimizer, params, param_shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     mixing_state = mixing.init_mixing_state(config.mixing, data.sizes,
                                             jax.random.key(config.seed + 1))
     replicated = sharding.replicated(mesh)
     mixing_state = jax.device_put(mixing_state, replicated)
-    zero = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    state = steps.TrainState(step=zero, params=params, opt_state=opt_state, mixing=mixing_state,
-                             bad_steps=zero, skipped_steps=zero)
+    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # Distinct buffers:
+    state = steps.TrainState(step=zero(), params=params, opt_state=opt_state,  # all are donated.
+                             mixing=mixing_state, bad_steps=zero(), skipped_steps=zero())
     state_shardings = steps.TrainState(
         step=replicated, params=param_shardings, opt_state=opt_shardings,
         mixing=jax.tree.map(lambda _: replicated, mixing_state), bad_steps=replicated,
