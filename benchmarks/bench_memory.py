@@ -1,13 +1,15 @@
 """Per-device memory of the compiled train step under FSDP, without weights or accelerators.
 
     python benchmarks/bench_memory.py [--presets qwen1.5-0.5b gemma-2b llama-3-8b]
-        [--devices 8 16 64] [--batch 64] [--seq 1024] [--json out.json]
+        [--devices 8 16 64] [--batch 64] [--seq 1024] [--constrain] [--json out.json]
 
 For each device count a subprocess simulates that many CPU devices (XLA_FLAGS), builds the
 abstract model (eval_shape), lowers the project's `steps.train_step` (forward, backward, AdamW)
 with the parameter / optimizer-state / batch shardings of `mos_jax.sharding` on a (1, N, 1)
 mesh, compiles it ahead of time and prints `compiled.memory_analysis()` per device.
-Setup: bf16 parameters and compute, fp32 AdamW moments, remat and scanned layers.
+Setup: bf16 parameters and compute, fp32 AdamW moments, remat and scanned layers. `--constrain`
+pins the decoder's activations to batch sharding first (see `constrain_activations`).
+Results and their reading: docs/scaleout.md.
 Numbers come from the XLA:CPU compiler: its buffer assignment (and how it lowers bf16) is not
 the TPU's or GPU's, so treat them as estimates of what the sharding does, not as a guarantee.
 """
