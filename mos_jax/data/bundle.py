@@ -249,15 +249,17 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
     _parse_flags_for_workers()
   train_streams, reward_streams = [], []
   for i, name in enumerate(names):
-    shard = dict(process_index=process_index, process_count=process_count)
-    train_streams.append(pipeline.endless_rows(datasets[name].train, pipeline.StreamSpec(
-        seed=_seed(config.seed, i, 1), packing=d.packing, max_len=d.max_len,
-        num_workers=d.num_workers, **shard)))
-    reward_streams.append(pipeline.endless_rows(datasets[name].train, pipeline.StreamSpec(
-        seed=_seed(config.seed, i, 2), **shard)))
+    common = dict(max_len=d.max_len, pad_id=int(pad_id), process_index=process_index,
+                  process_count=process_count)
+    train_streams.append(pipeline.endless_blocks(datasets[name].train, pipeline.StreamSpec(
+        seed=_seed(config.seed, i, 1), block=rows, packing=d.packing, num_workers=d.num_workers,
+        **common)))
+    # Reward streams: own seeds and no workers (one batch every S steps).
+    reward_streams.append(pipeline.endless_blocks(datasets[name].train, pipeline.StreamSpec(
+        seed=_seed(config.seed, i, 2), block=reward_rows, **common)))
   spec = mixture.MixtureSpec(
       names=tuple(names), seed=int(config.seed), rows=rows, reward_rows=reward_rows,
-      max_len=d.max_len, pad_id=int(pad_id), buckets=buckets, mix_per=d.mix_per,
+      max_len=d.max_len, buckets=buckets, mix_per=d.mix_per,
       process_index=process_index, process_count=process_count)
   train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
   settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,

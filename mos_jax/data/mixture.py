@@ -40,11 +40,49 @@ class MixtureSpec:
   rows: int  # Host-local rows per training batch.
   reward_rows: int  # Host-local rows per reward batch.
   max_len: int
-  pad_id: int
   buckets: tuple[int, ...] = ()
   mix_per: str = 'batch'
   process_index: int = 0
   process_count: int = 1
+
+
+class BlockReader:
+  """Takes any number of rows from a stream of blocks, remembering where it is inside a block.
+
+  Its state is the stream's state before the current block plus the offset into it, so a
+  restored reader re-reads that block and continues at the same row.
+  """
+
+  def __init__(self, stream: grain.DatasetIterator):
+    self._stream = stream
+    self._block, self._offset = None, 0
+    self._before = None
+
+  def take(self, n: int) -> dict:
+    parts = []
+    while n:
+      if self._block is None or self._offset == len(self._block['lengths']):
+        self._before = self._stream.get_state()
+        self._block, self._offset = next(self._stream), 0
+      k = min(n, len(self._block['lengths']) - self._offset)
+      parts.append({key: v[self._offset:self._offset + k] for key, v in self._block.items()})
+      self._offset += k
+      n -= k
+    if len(parts) == 1:
+      return parts[0]
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+  def get_state(self) -> dict:
+    if self._block is None or self._offset == len(self._block['lengths']):
+      return {'stream': self._stream.get_state(), 'offset': 0}
+    return {'stream': self._before, 'offset': self._offset}
+
+  def set_state(self, state: dict) -> None:
+    self._stream.set_state(state['stream'])
+    self._block, self._offset = None, 0
+    if state['offset']:
+      self._before = state['stream']
+      self._block, self._offset = next(self._stream), int(state['offset'])
 
 
 class MixtureIterDataset(grain.IterDataset):
@@ -74,7 +112,8 @@ class MixtureIterator(grain.DatasetIterator):
     super().__init__(iterators)
     self._spec = ds.spec
     n = len(ds.spec.names)
-    self._train, self._reward = iterators[:n], iterators[n:]
+    self._train = [BlockReader(it) for it in iterators[:n]]
+    self._reward = [BlockReader(it) for it in iterators[n:]]
     self._step = 0
     self._probs = np.full(n, 1.0 / n)
 
@@ -100,25 +139,33 @@ class MixtureIterator(grain.DatasetIterator):
     every = rng.choice(len(s.names), size=s.rows * s.process_count, p=self._probs)
     return every[s.process_index * s.rows:(s.process_index + 1) * s.rows]
 
-  def _batch(self, rows: list[dict], dataset_ids) -> dict:
-    s = self._spec
-    length = pipeline.pick_length([len(r['tokens']) for r in rows], s.max_len, s.buckets)
-    return pipeline.collate(rows, dataset_ids, length, s.pad_id)
-
   def __next__(self) -> dict:
     self._assert_not_closed()
+    s = self._spec
     dataset_ids = self.draw(self._step)
-    rows = [next(self._train[i]) for i in dataset_ids]
+    first = int(dataset_ids[0])
+    if (dataset_ids == first).all():
+      block = self._train[first].take(s.rows)
+    else:  # Per-example mixing: each dataset's rows go where the draw put them.
+      block = {}
+      for i in np.unique(dataset_ids):
+        where = np.nonzero(dataset_ids == i)[0]
+        part = self._train[i].take(len(where))
+        for key, value in part.items():
+          if key not in block:
+            block[key] = np.empty((s.rows,) + value.shape[1:], value.dtype)
+          block[key][where] = value
     self._step += 1
-    return self._batch(rows, dataset_ids)
+    return pipeline.crop(block, dataset_ids, s.max_len, s.buckets)
 
   def reward_batches(self) -> dict[str, dict]:
     """One batch of reward_batch_size (host-local) rows per dataset, from the reward streams."""
     self._assert_not_closed()
     out = {}
     for i, name in enumerate(self._spec.names):
-      rows = [next(self._reward[i]) for _ in range(self._spec.reward_rows)]
-      out[name] = self._batch(rows, [i] * len(rows))
+      block = self._reward[i].take(self._spec.reward_rows)
+      out[name] = pipeline.crop(block, [i] * self._spec.reward_rows, self._spec.max_len,
+                                self._spec.buckets)
     return out
 
   def get_state(self) -> dict:

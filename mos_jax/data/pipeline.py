@@ -1,6 +1,7 @@
-"""Per-dataset Grain pipelines over the tokenized Arrow table, and batch collation.
+"""Per-dataset Grain pipelines over the tokenized Arrow table, and batch assembly.
 
-Rows are variable length until collation pads them (to max_len or the smallest bucket that fits).
+Rows are stacked into blocks padded to max_len; a batch is cropped to the smallest bucket that
+holds its longest row (or kept at max_len).
 This module imports only numpy, pyarrow and grain: worker processes unpickle what lives here.
 """
 
@@ -64,7 +65,7 @@ class EndlessShuffle(grain.MapDataset):
     self._epoch, self._perm = -1, None
 
   def __len__(self) -> int:
-    return sys.maxsize
+    return sys.maxsize // 2  # Endless in practice; halved so batching's round-up cannot overflow.
 
   def __str__(self) -> str:
     return f'EndlessShuffle(seed={self._seed})'
@@ -105,28 +106,68 @@ def _from_packed(packed: dict) -> dict:
   }
 
 
+def stack(rows: list[dict], length: int, pad_id: int) -> dict:
+  """Rows -> arrays [n, length] padded with pad_id / 0, plus `example_ids` and `lengths` [n]."""
+  n = len(rows)
+  block = {
+      'tokens': np.full((n, length), pad_id, np.int32),
+      'targets': np.full((n, length), pad_id, np.int32),
+      'loss_mask': np.zeros((n, length), np.float32),
+      'positions': np.zeros((n, length), np.int32),
+      'segment_ids': np.zeros((n, length), np.int32),
+  }
+  for r, row in enumerate(rows):
+    k = len(row['tokens'])
+    for key in ROW_KEYS:
+      block[key][r, :k] = row[key]
+  block['example_ids'] = np.asarray([row['example_id'] for row in rows], np.int32)
+  block['lengths'] = np.asarray([len(row['tokens']) for row in rows], np.int32)
+  return block
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stack:
+  """Picklable batch_fn: stacks rows padded to max_len."""
+  length: int
+  pad_id: int
+
+  def __call__(self, rows):
+    return stack(list(rows), self.length, self.pad_id)
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamSpec:
   """What shapes one endless per-dataset stream."""
   seed: int
+  block: int  # Rows per element of the stream (one host batch).
+  max_len: int
+  pad_id: int
   process_index: int = 0
   process_count: int = 1
   packing: bool = False
-  max_len: int = 0
   num_workers: int = 0
 
 
-def endless_rows(source: ExampleSource, spec: StreamSpec) -> grain.IterDataset:
-  """This host's shard, shuffled anew every epoch (seeded), repeated forever, as rows."""
+def endless_blocks(source: ExampleSource, spec: StreamSpec) -> grain.IterDataset:
+  """This host's shard, shuffled anew every epoch (seeded), repeated forever, as blocks of rows.
+
+  Blocks, not rows, are the stream's elements: Grain's per-element overhead (and with worker
+  processes the inter-process transfer) is paid once per batch.
+  """
   ds = grain.MapDataset.source(source)[spec.process_index::spec.process_count]
   ds = EndlessShuffle(ds, spec.seed).map(to_row)
+  to_block = _Stack(spec.max_len, spec.pad_id)
   # Data is in memory: reader threads would only contend for the GIL.
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   if spec.packing:
     length = spec.max_len
     it = grain_experimental.FirstFitPackIterDataset(
-        it.map(_strip_id), length_struct={'tokens': length, 'targets': length, 'loss_mask': length},
+        ds.map(_strip_id).to_iter_dataset(read),
+        length_struct={'tokens': length, 'targets': length, 'loss_mask': length},
         num_packing_bins=_PACKING_BINS, shuffle_bins=False).map(_from_packed)
+    it = it.batch(spec.block, batch_fn=to_block)
+  else:
+    it = ds.batch(spec.block, batch_fn=to_block).to_iter_dataset(read)
   if spec.num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.num_workers))
   return it
@@ -141,22 +182,13 @@ def pick_length(lengths, max_len: int, buckets) -> int:
   return max_len
 
 
-def collate(rows: list[dict], dataset_ids, length: int, pad_id: int) -> dict:
-  """Stacks rows into a batch padded to `length` (see docs/interfaces.md for the keys)."""
-  b = len(rows)
-  batch = {
-      'tokens': np.full((b, length), pad_id, np.int32),
-      'targets': np.full((b, length), pad_id, np.int32),
-      'loss_mask': np.zeros((b, length), np.float32),
-      'positions': np.zeros((b, length), np.int32),
-      'segment_ids': np.zeros((b, length), np.int32),
-  }
-  for r, row in enumerate(rows):
-    n = len(row['tokens'])
-    for key in ROW_KEYS:
-      batch[key][r, :n] = row[key]
-  batch['dataset_ids'] = np.asarray(dataset_ids, np.int32).reshape(b)
-  batch['example_ids'] = np.asarray([row['example_id'] for row in rows], np.int32)
+def crop(block: dict, dataset_ids, max_len: int, buckets) -> dict:
+  """A stacked block -> a batch (docs/interfaces.md): padded to max_len or the smallest bucket
+  that holds the longest row, with dataset ids."""
+  length = pick_length(block['lengths'], max_len, buckets)
+  batch = {key: np.ascontiguousarray(block[key][:, :length]) for key in ROW_KEYS}
+  batch['dataset_ids'] = np.asarray(dataset_ids, np.int32).reshape(len(block['lengths']))
+  batch['example_ids'] = block['example_ids']
   return batch
 
 
@@ -181,5 +213,4 @@ def finite_batches(source: ExampleSource, dataset_id: int, rows_per_batch: int, 
     chunk = mine[k * rows_per_batch:(k + 1) * rows_per_batch]
     rows = [to_row(source[i]) for i in chunk]
     rows += [filler] * (rows_per_batch - len(rows))
-    length = pick_length([len(r['tokens']) for r in rows], max_len, buckets)
-    yield collate(rows, [dataset_id] * rows_per_batch, length, pad_id)
+    yield crop(stack(rows, max_len, pad_id), [dataset_id] * rows_per_batch, max_len, buckets)
