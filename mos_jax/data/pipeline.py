@@ -50,17 +50,22 @@ class ExampleSource(grain.sources.RandomAccessDataSource):
     return f'ExampleSource({len(self)} examples)'
 
 
-class EndlessShuffle(grain.MapDataset):
-  """The parent repeated forever, epoch e in the order of a permutation seeded by (seed, e).
+class ShuffledRows(grain.MapDataset):
+  """Rows of this host's shard, repeated forever; epoch e in the order of a permutation seeded
+  by (seed, e).
 
-  Grain's own `shuffle` computes each index with a cipher (~60 us per element here); one cached
-  numpy permutation per epoch costs the same once per epoch.
+  Grain's own `shuffle` computes every index with a cipher (~60 us per element here) and its
+  per-element machinery costs as much again; here one cached numpy permutation serves a whole
+  epoch and `_getitems` serves a batch at once.
   """
 
-  def __init__(self, parent: grain.MapDataset, seed: int):
-    super().__init__(parent)
-    if not len(parent):
-      raise ValueError('cannot shuffle an empty dataset')
+  def __init__(self, source: ExampleSource, seed: int, process_index: int = 0,
+               process_count: int = 1):
+    super().__init__()
+    self._source = source
+    self._shard = np.arange(process_index, len(source), process_count)
+    if not len(self._shard):
+      raise ValueError(f'host {process_index} of {process_count} has no examples to read')
     self._seed = seed
     self._epoch, self._perm = -1, None
 
@@ -68,16 +73,22 @@ class EndlessShuffle(grain.MapDataset):
     return sys.maxsize // 2  # Endless in practice; halved so batching's round-up cannot overflow.
 
   def __str__(self) -> str:
-    return f'EndlessShuffle(seed={self._seed})'
+    return f'ShuffledRows({len(self._shard)} examples, seed={self._seed})'
+
+  def _row(self, index: int) -> dict:
+    epoch, offset = divmod(index, len(self._shard))
+    if epoch != self._epoch:
+      self._epoch = epoch
+      self._perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._shard))
+    return to_row(self._source[int(self._shard[self._perm[offset]])])
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    epoch, offset = divmod(index, len(self._parent))
-    if epoch != self._epoch:
-      self._epoch = epoch
-      self._perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._parent))
-    return self._parent[int(self._perm[offset])]
+    return self._row(index)
+
+  def _getitems(self, indices):
+    return [self._row(i) for i in indices]
 
 
 def to_row(example: dict) -> dict:
@@ -154,20 +165,19 @@ def endless_blocks(source: ExampleSource, spec: StreamSpec) -> grain.IterDataset
   Blocks, not rows, are the stream's elements: Grain's per-element overhead (and with worker
   processes the inter-process transfer) is paid once per batch.
   """
-  ds = grain.MapDataset.source(source)[spec.process_index::spec.process_count]
-  ds = EndlessShuffle(ds, spec.seed).map(to_row)
+  rows = ShuffledRows(source, spec.seed, spec.process_index, spec.process_count)
   to_block = _Stack(spec.max_len, spec.pad_id)
   # Data is in memory: reader threads would only contend for the GIL.
   read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   if spec.packing:
     length = spec.max_len
     it = grain_experimental.FirstFitPackIterDataset(
-        ds.map(_strip_id).to_iter_dataset(read),
+        rows.map(_strip_id).to_iter_dataset(read),
         length_struct={'tokens': length, 'targets': length, 'loss_mask': length},
         num_packing_bins=_PACKING_BINS, shuffle_bins=False).map(_from_packed)
     it = it.batch(spec.block, batch_fn=to_block)
   else:
-    it = ds.batch(spec.block, batch_fn=to_block).to_iter_dataset(read)
+    it = rows.batch(spec.block, batch_fn=to_block).to_iter_dataset(read)
   if spec.num_workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.num_workers))
   return it
