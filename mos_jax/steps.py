@@ -95,7 +95,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
   tokens = jnp.maximum(aux['tokens'], 1.0)
   loss = nll_sum / tokens
   grads = jax.tree.map(lambda g: g / tokens, grads)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)

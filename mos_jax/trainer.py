@@ -170,7 +170,7 @@ def build(config, workdir: str) -> Run:
     state, _ = checkpointer.restore(
         latest, checkpoint_lib.abstract_like(state, state_shardings), data.train)
     start_step = latest
-    log.info('Resumed from %s at step %d.', checkpointer.directory, latest)
+    log.info('Resumed from %s at step %d.', os.path.join(workdir, 'checkpoints'), latest)
 
   if is_main:
     os.makedirs(workdir, exist_ok=True)

