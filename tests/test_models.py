@@ -111,9 +111,10 @@ def test_logits_match_transformers_fp32(checkpoints, family):
   assert _max_err(out.hidden, ref_hidden, mask) < 1e-4
   assert np.isfinite(np.asarray(out.logits)).all()  # Padded rows too.
 
-  explicit = forward(model, tokens, positions=jnp.asarray(positions),
-                     segment_ids=jnp.asarray(mask))
-  assert _max_err(explicit.logits, ref_logits, mask) < 1e-4
+  if family == 'llama':  # Explicit positions and segment ids instead of the mask.
+    explicit = forward(model, tokens, positions=jnp.asarray(positions),
+                       segment_ids=jnp.asarray(mask))
+    assert _max_err(explicit.logits, ref_logits, mask) < 1e-4
 
 
 def test_llama3_rope_scaling_is_applied(checkpoints):
@@ -154,7 +155,7 @@ def test_classic_config_layout(checkpoints, family, tmp_path):
   assert _max_err(out.logits, ref_logits, mask) < 1e-4
 
 
-def test_logits_match_transformers_bf16(checkpoints):
+def test_logits_match_transformers_bf16(checkpoints, tmp_path):
   folder, torch_model = checkpoints['gemma']
   tokens, mask, positions = _padded_batch(np.random.RandomState(3))
   ref32, _ = _torch_forward(torch_model, tokens, mask, positions)
@@ -169,6 +170,13 @@ def test_logits_match_transformers_bf16(checkpoints):
   # Both bf16 models round differently; stay within bf16 noise of each other and of fp32.
   assert ours_vs_torch16 < 0.1, ours_vs_torch16
   assert _max_err(out.logits, ref32, mask) < max(0.1, 2 * torch16_vs_32)
+
+  # bf16 parameters are saved as BF16 tensors that transformers reads back exactly.
+  models.save_hf(model, tmp_path / 'bf16')
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'bf16', dtype=torch.bfloat16, attn_implementation='eager').eval()
+  for name, p in torch_model.state_dict().items():
+    assert torch.equal(reloaded.state_dict()[name], p.to(torch.bfloat16)), name
 
   # fp32 parameters with bf16 compute: also close to the fp32 reference.
   mixed = models.load_hf(folder, dtype=jnp.bfloat16, param_dtype=jnp.float32)
@@ -186,35 +194,40 @@ def _stack_layers(list_state, num_layers):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits_loss_grad(graphdef, state, tokens, mask, weights):
+def _logits_loss_grad(graphdef, state, tokens, segments, weights):
   def loss(state):
-    logits = nnx.merge(graphdef, state)(tokens, attention_mask=mask).logits
-    return jnp.sum(logits * weights * mask[..., None]), logits
+    logits = nnx.merge(graphdef, state)(tokens, segment_ids=segments).logits
+    return jnp.sum(logits * weights * (segments > 0)[..., None]), logits
   (loss, logits), grad = jax.value_and_grad(loss, has_aux=True)(state)
   return logits, loss, grad
 
 
 def test_scan_and_remat_match_plain_loop(checkpoints):
   folder, _ = checkpoints['gemma']
-  tokens, mask, _ = _padded_batch(np.random.RandomState(4))
-  tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+  tokens = jnp.asarray(np.random.RandomState(4).randint(0, VOCAB, (3, 12)), jnp.int32)
+  # Left padding; two packed sequences and right padding; a row of padding only.
+  segments = jnp.asarray([[0] * 3 + [1] * 9, [1] * 5 + [2] * 4 + [0] * 3, [0] * 12], jnp.int32)
   weights = jnp.asarray(np.random.RandomState(5).randn(3, 12, VOCAB), jnp.float32)
 
   plain = models.load_hf(folder)
-  plain_logits, plain_loss, plain_grad = _logits_loss_grad(*nnx.split(plain), tokens, mask, weights)
+  plain_logits, plain_loss, plain_grad = _logits_loss_grad(*nnx.split(plain), tokens, segments,
+                                                           weights)
+  # Padding must not poison the gradients of a masked loss.
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(plain_grad))
+  assert np.isfinite(np.asarray(plain_logits)).all()
   plain_grad = _stack_layers(plain_grad, plain.config.num_layers)
 
   remat_loop = models.load_hf(folder, remat=True)
-  logits = forward(remat_loop, tokens, attention_mask=mask).logits
+  logits = forward(remat_loop, tokens, segment_ids=segments).logits
   np.testing.assert_allclose(logits, plain_logits, atol=1e-5)
 
   # Scan + remat (the scan body is the rematerialised block); remat matters in the backward pass.
   model = models.load_hf(folder, scan_layers=True, remat=True)
   assert nnx.state(model)['layers']['attn']['q_proj'][...].shape[0] == 2
-  logits, loss, grad = _logits_loss_grad(*nnx.split(model), tokens, mask, weights)
+  logits, loss, grad = _logits_loss_grad(*nnx.split(model), tokens, segments, weights)
   np.testing.assert_allclose(logits, plain_logits, atol=1e-5)
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                nnx.to_pure_dict(grad), plain_grad)
 
 
@@ -258,24 +271,12 @@ def test_packed_row_equals_sequences_alone(checkpoints):
   tokens[0, :5], tokens[0, 5:9], segments[0, :5], segments[0, 5:9] = a, b, 1, 2  # packed + pad
   tokens[1, :5], segments[1, :5] = a, 1
   tokens[2, :4], segments[2, :4] = b, 1
-  # Row 3: all padding; it must stay finite, and so must the gradients through a masked loss.
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def logits_and_grad(state):
-    def loss(state):
-      out = nnx.merge(graphdef, state)(jnp.asarray(tokens), segment_ids=jnp.asarray(segments))
-      nll = -jax.nn.log_softmax(out.logits)[..., 0]
-      return jnp.sum(nll * (segments > 0)) / jnp.sum(segments > 0), out
-    (_, out), grad = jax.value_and_grad(loss, has_aux=True)(state)
-    return out, grad
-
-  out, grad = logits_and_grad(state)
+  # Row 3: all padding; it must stay finite.
+  out = forward(model, tokens, segment_ids=jnp.asarray(segments))
   logits = np.asarray(out.logits)
   np.testing.assert_allclose(logits[0, :5], logits[1, :5], atol=1e-5)
   np.testing.assert_allclose(logits[0, 5:9], logits[2, :4], atol=1e-5)
   assert np.isfinite(logits).all() and np.isfinite(np.asarray(out.hidden)).all()
-  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grad))
 
 
 def test_round_trip_through_transformers(checkpoints, tmp_path):

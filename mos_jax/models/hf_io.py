@@ -24,7 +24,7 @@ from flax import nnx
 from mos_jax import sharding as sharding_lib
 from mos_jax.models.config import ModelConfig
 from mos_jax.models.decoder import Decoder, abstract_model
-from mos_jax.models.safetensors_file import SafetensorsError, SafetensorsReader, write_safetensors
+from mos_jax.models.safetensors_file import SafetensorsReader, write_safetensors
 
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
                  'gemma': 'GemmaForCausalLM'}
