@@ -44,16 +44,17 @@ def measure(config, steps: int, warmup: int = 20) -> dict:
   for _ in range(warmup):  # Worker start-up is not throughput.
     next(data.train)
   start = time.perf_counter()
-  tokens = 0
+  tokens = examples = 0
   for step in range(steps):
     batch = next(data.train)
     tokens += int(batch['segment_ids'].astype(bool).sum())
+    examples += int(batch['segment_ids'].max(axis=1).sum())  # Packed rows hold several.
     if step % 100 == 0:
       data.train.reward_batches()
   seconds = time.perf_counter() - start
   data.close()
-  rows = steps * config.train.batch_size
-  return {'build_s': round(built, 2), 'examples_per_s': round(rows / seconds),
+  return {'build_s': round(built, 2), 'examples_per_s': round(examples / seconds),
+          'rows_per_s': round(steps * config.train.batch_size / seconds),
           'tokens_per_s': round(tokens / seconds), 'ms_per_batch': round(1e3 * seconds / steps, 3)}
 
 
