@@ -34,7 +34,6 @@ from mos_jax.data import build_data
 
 log = logging.getLogger(__name__)
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 class TrainingError(RuntimeError):
@@ -62,16 +61,13 @@ class Run:
 
 def _build_model(config, mesh, vocab_size: int):
   m = config.model
-  dtype, param_dtype = DTYPES[m.dtype], DTYPES[m.param_dtype]
+  options = {'dtype': m.dtype, 'param_dtype': m.param_dtype, 'remat': m.remat,
+             'scan_layers': m.scan_layers, 'attention_impl': m.attention_impl or None}
   if m.hf_checkpoint:
-    model = models.load_hf(m.hf_checkpoint, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    model = models.load_hf(m.hf_checkpoint, mesh=mesh, **options)
   else:
-    model_config = models.get_preset(m.preset, vocab_size=vocab_size, dtype=m.dtype,
-                                     param_dtype=m.param_dtype)
-    model = models.init_model(model_config, config.seed, mesh=mesh)
-  options = {'remat': m.remat, 'scan_layers': m.scan_layers,
-             'attention_impl': m.attention_impl or None}
-  model.config = dataclasses.replace(model.config, **options)
+    model = models.init_model(models.get_preset(m.preset, vocab_size=vocab_size, **options),
+                              config.seed, mesh=mesh)
   if model.config.vocab_size < vocab_size:
     raise ValueError(f'The tokenizer has {vocab_size} tokens but the model only '
                      f'{model.config.vocab_size} embeddings (model.hf_checkpoint / model.preset).')
@@ -128,7 +124,7 @@ def build(config, workdir: str) -> Run:
   if strategy.updates_scorer:
     reference_params = reference_graphdef = None
     if strategy.needs_reference and config.mixing.diff_reference == 'device':
-      ref_dtype = DTYPES[config.mixing.reference_dtype]
+      ref_dtype = jnp.dtype(config.mixing.reference_dtype)
       # theta_0 is the initial model; a resumed run rebuilds it the same way before restoring.
       reference_params = jax.jit(
           lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
@@ -156,10 +152,11 @@ def build(config, workdir: str) -> Run:
       nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef),
                          in_shardings=(param_shardings, None), out_shardings=replicated)
       to_global = functools.partial(distributed.host_local_to_global, mesh=mesh)
-      reference_tables = reference.load_or_compute(
-          os.path.join(workdir, 'reference_nll'), data, reference.model_key(config),
-          lambda batch: nll_step(state.params, batch), to_global,
-          batch_size=config.data.eval_batch_size, write=is_main)
+      with jax.set_mesh(mesh):
+        reference_tables = reference.load_or_compute(
+            os.path.join(workdir, 'reference_nll'), data, reference.model_key(config),
+            lambda batch: nll_step(state.params, batch), to_global,
+            batch_size=config.data.eval_batch_size, write=is_main)
 
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
@@ -258,6 +255,11 @@ class _Window:
 
 def train(run: Run) -> dict:
   """Runs from `run.start_step` to `config.train.steps`; returns the summary."""
+  with jax.set_mesh(run.mesh):  # Activation sharding constraints need the mesh when tracing.
+    return _train_loop(run)
+
+
+def _train_loop(run: Run) -> dict:
   config, data, names = run.config, run.data, run.data.names
   tc = config.train
   is_main = jax.process_index() == 0

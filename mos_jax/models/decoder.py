@@ -214,9 +214,12 @@ class Decoder(nnx.Module):
     mask = None if segment_ids is None else (
         segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, L, S]
     cos, sin = rope_tables(c, positions)
+    # Pin activations to batch sharding: left to propagation from the FSDP-sharded weights,
+    # every device would compute the whole batch (see docs/scaleout.md). No-op without a mesh.
+    x = sharding_lib.constrain(x, 'batch', None, 'embed')
 
     def apply(block, x, cos, sin, mask):
-      return block(x, cos, sin, mask)
+      return sharding_lib.constrain(block(x, cos, sin, mask), 'batch', None, 'embed')
     if c.remat:
       apply = nnx.remat(apply)
     if c.scan_layers:
@@ -235,6 +238,7 @@ class Decoder(nnx.Module):
     else:
       logits = jnp.einsum('BLD,DV->BLV', hidden, self.lm_head[...].astype(c.dtype),
                           preferred_element_type=jnp.float32)
+    logits = sharding_lib.constrain(logits, 'batch', None, 'vocab')
     return DecoderOutput(logits=logits, hidden=hidden)
 
 
