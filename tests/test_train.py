@@ -16,31 +16,7 @@ from mos_jax import metrics as metrics_lib
 from mos_jax import models
 from mos_jax import steps
 from mos_jax import trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def demo_config(tmp_path, **train):
-  """The shipped demo recipe, shrunk to a few steps and pointed at a per-test data folder."""
-  sys.path.insert(0, os.path.join(REPO, 'configs'))
-  try:
-    import demo as demo_recipe
-  finally:
-    sys.path.pop(0)
-  config = demo_recipe.get_config()
-  data_dir = str(tmp_path / 'demo_data')
-  from mos_jax.data import demo
-  config.data.demo_dir = data_dir
-  config.data.tokenizer = os.path.join(data_dir, 'tokenizer')
-  for name, entry in demo.config_entries(data_dir).items():
-    config.data.datasets[name].path = entry.path
-  config.train.progress_bar = False
-  config.train.async_checkpoints = False
-  for key, value in train.items():
-    section, field = key.split('__')
-    config[section][field] = value
-  return config
-
+from demo_run import REPO, demo_config
 
 def _tiny_model(vocab=64):
   cfg = models.get_preset('tiny', vocab_size=vocab)

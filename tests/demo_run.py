@@ -1,0 +1,23 @@
+"""The shipped demo recipe, shrunk for tests."""
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def demo_config(tmp_path, **train):
+  """The shipped demo recipe, shrunk to a few steps and pointed at a per-test data folder."""
+  from mos_jax import cli
+  config = cli.load_config(os.path.join(REPO, 'configs', 'demo.py'))
+  data_dir = str(tmp_path / 'demo_data')
+  from mos_jax.data import demo
+  config.data.demo_dir = data_dir
+  config.data.tokenizer = os.path.join(data_dir, 'tokenizer')
+  for name, entry in demo.config_entries(data_dir).items():
+    config.data.datasets[name].path = entry.path
+  config.train.progress_bar = False
+  config.train.async_checkpoints = False
+  for key, value in train.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  return config
