@@ -75,11 +75,3 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
-
-
-def abstract_like(tree: Any, shardings: Any = None) -> Any:
-  """ShapeDtypeStructs of `tree`'s arrays carrying `shardings` (default: the arrays' own)."""
-  if shardings is None:
-    shardings = jax.tree.map(lambda x: x.sharding, tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)

@@ -35,7 +35,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_error = 'raise'  # Malformed records: 'raise' (name file and line) or 'skip' (counted).
   c.data.reward_batch_size = 16  # Examples per dataset in each reward batch (COSSIM/DIFF).
   c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
-  c.data.shuffle_buffer = 0  # Unused by the random-access pipelines; kept 0.
   c.data.demo_dir = ''  # Where demo skills are generated when a recipe uses them ('' = none).
   # One entry per dataset: c.data.datasets.<name> = dataset(path=..., format=..., ...).
   c.data.datasets = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Callable, Mapping
 
+import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -47,9 +48,16 @@ def load_or_compute(cache_dir: str, data, key: str, nll_fn: Callable, to_global:
   tables = {}
   for name in data.names:
     path = cache_path(cache_dir, name, data.fingerprint(name), key)
-    if os.path.exists(path):
+    # Process 0 decides for everyone: hosts that skipped the pass while others ran it would hang
+    # in the all-gather. A host that cannot see process 0's file stops with a message.
+    cached = bool(multihost_utils.broadcast_one_to_all(np.int32(os.path.exists(path))))
+    if cached and os.path.exists(path):
       tables[name] = np.load(path)
       continue
+    if cached:
+      raise FileNotFoundError(f'{path}: process 0 has the theta_0 NLL cache but process '
+                              f'{jax.process_index()} cannot read it; use a workdir every host '
+                              f'sees, or delete the cache to recompute it.')
     table = np.full((data.sizes[data.names.index(name)],), np.nan, np.float32)
     for batch in data.full_pass_batches(name, batch_size):
       global_batch = to_global(batch)

@@ -81,8 +81,11 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
   if micro_batches == 1:
     (nll_sum, aux), grads = grad_fn(state.params, graphdef, batch, num_datasets)
   else:
+    # Micro-batch i takes rows i, i + M, ...: with rows sharded in contiguous blocks over the
+    # devices, every micro-batch stays spread evenly over all of them.
     split = jax.tree.map(
-        lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
+        lambda x: x.reshape((x.shape[0] // micro_batches, micro_batches) + x.shape[1:]).swapaxes(
+            0, 1), batch)
 
     def accumulate(carry, micro):
       (nll_i, aux_i), grads_i = grad_fn(state.params, graphdef, micro, num_datasets)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -47,6 +48,7 @@ class Run:
   mesh: jax.sharding.Mesh
   data: Any  # mos_jax.data.DataBundle
   strategy: Any  # mos_jax.mixing.Strategy
+  meta: dict  # Saved with every checkpoint: dataset names, data fingerprints, config.
   state: steps.TrainState
   train_fn: Callable  # (state, batch) -> (state, metrics), jitted, state donated.
   reward_fn: Callable | None  # (params, batch) -> reward outputs, jitted.
@@ -76,13 +78,16 @@ def _build_model(config, mesh, vocab_size: int):
 
 def build(config, workdir: str) -> Run:
   """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
+  if '://' not in workdir:  # Orbax wants absolute paths; gs:// and other URLs pass through.
+    workdir = os.path.abspath(workdir)
   distributed.initialize()
-  is_main = jax.process_index() == 0
+  is_main = distributed.is_main_process()
   mesh = sharding.make_mesh(config.mesh)
   data = build_data(config, process_index=jax.process_index(),
                     process_count=jax.process_count())
   names = data.names
   num_datasets = len(names)
+  _check_batch_sizes(config, num_datasets, mesh)
   strategy = mixing.make_strategy(config.mixing, names, data.sizes)
 
   # The model is built outside the mesh context: its params carry logical names, which
@@ -163,9 +168,12 @@ def build(config, workdir: str) -> Run:
       async_save=config.train.async_checkpoints)
   start_step = 0
   latest = checkpointer.latest_step()
+  meta = {'names': names, 'fingerprints': {n: data.fingerprint(n) for n in names},
+          'loader': _loader_identity(config), 'config': json.loads(config_lib.config_to_json(config))}
   if latest is not None:
+    _check_same_data(checkpointer.read_meta(latest), meta, workdir)
     state, _ = checkpointer.restore(
-        latest, checkpoint_lib.abstract_like(state, state_shardings), data.train)
+        latest, sharding.sharded_abstract(state, state_shardings), data.train)
     start_step = latest
     log.info('Resumed from %s at step %d.', os.path.join(workdir, 'checkpoints'), latest)
 
@@ -175,7 +183,7 @@ def build(config, workdir: str) -> Run:
       f.write(config_lib.config_to_json(config))
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step or None)
   return Run(config=config, workdir=workdir, mesh=mesh, data=data, strategy=strategy,
-             state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
+             meta=meta, state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
              eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
              checkpointer=checkpointer, writer=writer, start_step=start_step)
 
@@ -189,17 +197,19 @@ def _stack_reward_batches(batches: dict, names) -> dict:
 
 
 def evaluate(run: Run) -> dict[str, float]:
-  """Token-weighted dev loss per dataset."""
+  """Token-weighted dev loss per dataset (datasets without dev examples are left out)."""
   out = {}
   limit = run.config.train.eval_batches
   for name in run.data.names:
-    nll_sum = tokens = 0.0
+    sums = []
     for i, batch in enumerate(run.data.dev_batches(name)):
       if limit and i >= limit:
         break
-      s, t = run.eval_fn(run.state.params, distributed.host_local_to_global(batch, run.mesh))
-      nll_sum, tokens = nll_sum + float(s), tokens + float(t)
-    out[f'eval/{name}/loss'] = nll_sum / max(tokens, 1.0)
+      sums.append(run.eval_fn(run.state.params,
+                              distributed.host_local_to_global(batch, run.mesh)))
+    nll_sum, tokens = np.sum(jax.device_get(sums), axis=0) if sums else (0.0, 0.0)
+    if tokens > 0:
+      out[f'eval/{name}/loss'] = float(nll_sum / tokens)
   return out
 
 
@@ -226,28 +236,34 @@ def current_probs(run: Run) -> np.ndarray:
 
 
 class _Window:
-  """Train metrics accumulated on the host between two log lines (token-weighted)."""
+  """Train metrics gathered on the host between two metrics lines (token-weighted).
 
-  def __init__(self, num_datasets):
+  Non-finite (skipped) steps are left out of the losses; their count is logged separately.
+  """
+
+  def __init__(self, names, train_config, first_step):
+    self.names, self.train_config = names, train_config
     self.pending = []
-    self.num_datasets = num_datasets
+    self.start, self.first_step = time.perf_counter(), first_step
 
   def add(self, metrics):
     self.pending.append(metrics)
 
-  def flush(self, names) -> dict[str, float]:
-    if not self.pending:
-      return {}
-    got = jax.device_get(self.pending)
-    self.pending = []
+  def flush(self, step: int) -> dict[str, float]:
+    got = [m for m in jax.device_get(self.pending) if m['finite']]
+    elapsed, steps_done = time.perf_counter() - self.start, max(1, step - self.first_step)
+    self.pending, self.start, self.first_step = [], time.perf_counter(), step
     tokens = sum(float(m['tokens']) for m in got)
-    nll = sum(float(m['loss']) * float(m['tokens']) for m in got if m['finite'])
-    out = {'train/loss': nll / max(tokens, 1.0),
-           'train/grad_norm': float(np.mean([m['grad_norm'] for m in got])),
-           'train/tokens': tokens}
-    ds_nll = np.sum([m['dataset_nll'] for m in got if m['finite']] or [0.0], axis=0)
-    ds_tokens = np.sum([m['dataset_tokens'] for m in got], axis=0)
-    for i, name in enumerate(names):
+    ds_nll = sum((m['dataset_nll'] for m in got), np.zeros(len(self.names)))
+    ds_tokens = sum((m['dataset_tokens'] for m in got), np.zeros(len(self.names)))
+    out = {'train/loss': float(ds_nll.sum() / tokens) if tokens else float('nan'),
+           'train/grad_norm': float(np.mean([m['grad_norm'] for m in got])) if got else float('nan'),
+           'train/tokens': tokens,
+           # The update of step s used optax's count s - 1.
+           'train/lr': steps.learning_rate(self.train_config, step - 1),
+           'perf/tokens_per_s': tokens / max(elapsed, 1e-9),
+           'perf/step_s': elapsed / steps_done}
+    for i, name in enumerate(self.names):
       if ds_tokens[i] > 0:
         out[f'train/loss/{name}'] = float(ds_nll[i] / ds_tokens[i])
     return out
@@ -256,26 +272,31 @@ class _Window:
 def train(run: Run) -> dict:
   """Runs from `run.start_step` to `config.train.steps`; returns the summary."""
   with jax.set_mesh(run.mesh):  # Activation sharding constraints need the mesh when tracing.
-    return _train_loop(run)
+    try:
+      return _train_loop(run)
+    finally:
+      run.data.close()
 
 
 def _train_loop(run: Run) -> dict:
   config, data, names = run.config, run.data, run.data.names
   tc = config.train
-  is_main = jax.process_index() == 0
-  num_datasets = len(names)
+  is_main = distributed.is_main_process()
   data.train.set_probabilities(current_probs(run))
-
-  if run.start_step == 0:
-    run.writer.write(0, {**_mixture_metrics(current_probs(run), names), **evaluate(run)})
 
   progress = None
   if is_main and tc.progress_bar:
     from tqdm.auto import tqdm
     progress = tqdm(total=tc.steps, initial=run.start_step, dynamic_ncols=True, desc='train')
-  window = _Window(num_datasets)
+  say = (progress.write if progress is not None else print) if is_main else (lambda _: None)
+
+  if run.start_step == 0:
+    first = evaluate(run)
+    say(_eval_text(0, first, names))
+    run.writer.write(0, {**first, **_mixture_metrics(current_probs(run), names)})
+
+  window = _Window(names, tc, run.start_step)
   previous = None  # The last step's metrics, read one step late so the device never idles.
-  window_start, window_first_step = time.perf_counter(), run.start_step
   try:
     for step in range(run.start_step + 1, tc.steps + 1):
       batch = next(data.train)
@@ -289,32 +310,25 @@ def _train_loop(run: Run) -> dict:
       line = {}
       if run.strategy.updates_scorer and step % config.mixing.update_every == 0:
         line.update(update_mixture(run))
-        probs = current_probs(run)
-        data.train.set_probabilities(probs)
-        line.update(_mixture_metrics(probs, names))
+        data.train.set_probabilities(current_probs(run))
       last = step == tc.steps
-      if step % tc.log_every == 0 or last:
+      checkpoint_now = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last
+      # Windows also restart at checkpoints, so a resumed run logs what an uninterrupted one does.
+      if step % tc.log_every == 0 or checkpoint_now:
         _check_finite(metrics, tc.max_bad_steps)
-        line.update(window.flush(names))
-        elapsed = time.perf_counter() - window_start
-        line['perf/tokens_per_s'] = line['train/tokens'] / max(elapsed, 1e-9)
-        line['perf/step_s'] = elapsed / max(1, step - window_first_step)
-        line['train/lr'] = steps.learning_rate(tc, step)
+        line.update(window.flush(step))
         line['train/skipped_steps'] = int(jax.device_get(run.state.skipped_steps))
-        line.update(_mixture_metrics(current_probs(run), names))
-        window_start, window_first_step = time.perf_counter(), step
-        if progress is not None:
-          progress.set_postfix_str(_progress_text(line, names))
       if (tc.eval_every and step % tc.eval_every == 0) or last:
-        line.update(evaluate(run))
-      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last:
-        # Windows restart at checkpoints, so a resumed run logs exactly what an
-        # uninterrupted one does.
-        if step % tc.log_every and not last:
-          line.update(window.flush(names))
-        run.checkpointer.save(step, run.state, data.train, {'names': names, 'step': step})
+        dev = evaluate(run)
+        say(_eval_text(step, dev, names))
+        line.update(dev)
+      if checkpoint_now:
+        run.checkpointer.save(step, run.state, data.train, run.meta)
       if line:
+        line.update(_mixture_metrics(current_probs(run), names))  # Every line has the mixture.
         run.writer.write(step, line)
+        if progress is not None and 'train/loss' in line:
+          progress.set_postfix_str(_progress_text(line, names))
       if progress is not None:
         progress.update(1)
   finally:
@@ -330,6 +344,51 @@ def _train_loop(run: Run) -> dict:
   return summary
 
 
+def _loader_identity(config) -> dict:
+  """Settings that decide which batches the loader yields (besides the data itself)."""
+  d = config.data
+  return {'seed': config.seed, 'batch_size': config.train.batch_size,
+          'reward_batch_size': d.reward_batch_size, 'max_len': d.max_len, 'packing': d.packing,
+          'buckets': list(d.buckets), 'num_workers': d.num_workers, 'mix_per': d.mix_per,
+          'process_count': jax.process_count()}
+
+
+def _check_batch_sizes(config, num_datasets: int, mesh):
+  """Batch shapes must split evenly over the batch-sharded mesh axes; fail before compiling."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  micro = config.train.micro_batches
+  rows = {'train.batch_size': config.train.batch_size,
+          'train.batch_size / train.micro_batches': config.train.batch_size // max(micro, 1),
+          'data.reward_batch_size x datasets': config.data.reward_batch_size * num_datasets,
+          'data.eval_batch_size': config.data.eval_batch_size}
+  if micro < 1 or config.train.batch_size % micro:
+    raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by '
+                     f'train.micro_batches={micro}.')
+  for key, n in rows.items():
+    if n % shards:
+      raise ValueError(f'{key} = {n} rows do not split over mesh.data x mesh.fsdp = {shards} '
+                       f'devices; make it a multiple of {shards}.')
+
+
+def _check_same_data(saved: dict, current: dict, workdir: str):
+  """A checkpoint resumes only onto the datasets it was trained on (the loader state and the
+  scorer are per dataset)."""
+  if saved.get('names') != current['names']:
+    raise ValueError(f'{workdir}: the checkpoint was trained on datasets {saved.get("names")}, '
+                     f'the config has {current["names"]}. Use the same datasets or a new workdir.')
+  changed = {k: (saved.get('loader', {}).get(k), v) for k, v in current['loader'].items()
+             if saved.get('loader', {}).get(k) != v}
+  if changed:
+    raise ValueError(f'{workdir}: these settings changed since the checkpoint (saved, now): '
+                     f'{changed}; the loader cannot resume where it stopped with them. Restore '
+                     f'them, or use a new workdir.')
+  for name, fingerprint in current['fingerprints'].items():
+    if saved.get('fingerprints', {}).get(name) != fingerprint:
+      raise ValueError(f'{workdir}: dataset {name!r} changed since the checkpoint (its tokenized '
+                       f'data or data settings differ), so the loader cannot resume where it '
+                       f'stopped. Restore the data and settings, or use a new workdir.')
+
+
 def _check_finite(metrics, max_bad_steps):
   bad = int(jax.device_get(metrics['bad_steps']))
   if bad >= max_bad_steps:
@@ -341,6 +400,11 @@ def _check_finite(metrics, max_bad_steps):
 
 def _mixture_metrics(probs, names):
   return {f'mixture/{n}': float(p) for n, p in zip(names, probs)}
+
+
+def _eval_text(step, dev, names):
+  losses = ' '.join(f'{n}={dev[f"eval/{n}/loss"]:.3f}' for n in names if f'eval/{n}/loss' in dev)
+  return f'step {step}: dev loss {losses}'
 
 
 def _progress_text(line, names):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mos_jax import cli, config_doc, recipes
-from mos_jax.checkpoint import Checkpointer, abstract_like
+from mos_jax.checkpoint import Checkpointer
+from mos_jax.sharding import sharded_abstract
 from mos_jax.config import base_config, config_to_json
 from mos_jax.metrics import MetricsWriter, read_metrics
 from mos_jax.plots import write_plots
@@ -123,7 +124,9 @@ def test_checkpoint_restores_state_meta_and_loader_position(tmp_path):
     assert ckpt.latest_step() == 7
 
     fresh = _toy_iterator()
-    state, meta = ckpt.restore(7, abstract_like(_toy_state(0)), fresh)
+    target = _toy_state(0)
+    state, meta = ckpt.restore(
+        7, sharded_abstract(target, jax.tree.map(lambda x: x.sharding, target)), fresh)
   assert [next(fresh) for _ in range(5)] == expected
   np.testing.assert_array_equal(state['w'], _toy_state(7)['w'])
   assert int(state['opt']['count']) == 7 and state['opt']['count'].dtype == jnp.int32
@@ -151,7 +154,7 @@ def test_checkpoint_restores_onto_another_sharding(tmp_path):
     mesh = jax.make_mesh((1,), ('fsdp',), devices=jax.devices()[:1])
     target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = jax.tree.map(lambda _: target, _toy_state(0))
-    state, _ = ckpt.restore(1, abstract_like(_toy_state(0), shardings))
+    state, _ = ckpt.restore(1, sharded_abstract(_toy_state(0), shardings))
   assert state['w'].sharding == target
   np.testing.assert_array_equal(state['w'], _toy_state(1)['w'])
 
@@ -159,7 +162,8 @@ def test_checkpoint_restores_onto_another_sharding(tmp_path):
 _MESH_MOVE = """
 import sys, jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from mos_jax.checkpoint import Checkpointer, abstract_like
+from mos_jax.checkpoint import Checkpointer
+from mos_jax.sharding import sharded_abstract
 four = jax.make_mesh((4,), ('fsdp',), devices=jax.devices()[:4])
 w = jax.device_put(np.arange(32.0).reshape(8, 4), NamedSharding(four, P('fsdp')))
 with Checkpointer(sys.argv[1], keep=1, async_save=True) as ckpt:
@@ -167,7 +171,7 @@ with Checkpointer(sys.argv[1], keep=1, async_save=True) as ckpt:
 two = jax.make_mesh((2,), ('tensor',), devices=jax.devices()[4:6])
 target = NamedSharding(two, P(None, 'tensor'))
 with Checkpointer(sys.argv[1], keep=1) as ckpt:
-  state, _ = ckpt.restore(5, abstract_like({'w': w}, {'w': target}))
+  state, _ = ckpt.restore(5, sharded_abstract({'w': w}, {'w': target}))
 assert state['w'].sharding == target, state['w'].sharding
 assert {d.id for d in state['w'].devices()} == {4, 5}
 np.testing.assert_array_equal(state['w'], np.arange(32.0).reshape(8, 4))

@@ -111,7 +111,8 @@ def _metric_lines(workdir):
 
 def _resume_config(tmp_path):
   return demo_config(tmp_path, train__steps=8, train__checkpoint_every=4, train__log_every=2,
-                     train__eval_every=4, train__eval_batches=1)
+                     train__eval_every=4, train__eval_batches=1,
+                     train__async_checkpoints=True)  # Saves overlap the donated next steps.
 
 
 def test_resume_gives_identical_metrics_and_params(tmp_path):
@@ -157,13 +158,23 @@ def test_resume_gives_identical_metrics_and_params(tmp_path):
 def test_diff_reward_is_one_at_start_cache_matches_device(tmp_path):
   rewards = {}
   for reference in ('device', 'cache'):
-    config = demo_config(tmp_path, train__steps=1)
+    config = demo_config(tmp_path, train__steps=3, train__eval_batches=1)
     config.mixing.diff_reference = reference
     config.mixing.ema = False
+    config.mixing.update_every = 3  # The first update comes after 3 steps of training.
     run = trainer.build(config, str(tmp_path / reference))
-    trainer.update_mixture(run)
+    initial_mixing = run.state.mixing
+    with jax.set_mesh(run.mesh):
+      trainer.update_mixture(run)
+    at_start = np.asarray(jax.device_get(run.state.mixing.last_reward))
+    run.state = run.state.replace(mixing=initial_mixing)  # Both runs then train alike.
+    trainer.train(run)
     rewards[reference] = np.asarray(jax.device_get(run.state.mixing.last_reward))
-  np.testing.assert_array_equal(rewards['device'], np.ones_like(rewards['device']))
+    if reference == 'device':
+      np.testing.assert_array_equal(at_start, np.ones_like(at_start))
+    else:
+      np.testing.assert_allclose(at_start, 1.0, rtol=1e-5)
+  assert np.all(rewards['device'] < 0.99)  # Three steps lowered every skill's perplexity.
   np.testing.assert_allclose(rewards['cache'], rewards['device'], rtol=1e-5)
   assert os.listdir(tmp_path / 'cache' / 'reference_nll')
 
@@ -180,6 +191,12 @@ def test_static_strategy_keeps_prior_and_computes_no_rewards(tmp_path):
   for name, size in zip(run.data.names, sizes):
     assert lines[-1][f'mixture/{name}'] == pytest.approx(size / sizes.sum(), rel=1e-5)
   assert not any(k.startswith('reward/') for line in lines for k in line)
+
+  # Resuming onto different data is refused, and the checkpoint stays.
+  config.data.max_len = 96
+  with pytest.raises(ValueError, match='changed since the checkpoint'):
+    trainer.build(config, workdir)
+  assert os.listdir(os.path.join(workdir, 'checkpoints'))
 
 
 def test_demo_loss_falls_over_50_steps(tmp_path):
@@ -201,21 +218,30 @@ def test_too_many_non_finite_updates_stop_the_run(tmp_path):
   with pytest.raises(trainer.TrainingError, match='non-finite'):
     trainer.train(trainer.build(config, str(tmp_path / 'bad')))
 
+  # Below the limit, skipped steps are counted and left out of the logged loss.
+  config.train.steps, config.train.max_bad_steps, config.train.log_every = 4, 100, 2
+  workdir = str(tmp_path / 'bad_but_going')
+  trainer.train(trainer.build(config, workdir))
+  lines = [r for r in _metric_lines(workdir) if 'train/loss' in r]
+  assert np.isfinite(lines[0]['train/loss'])  # Step 1 is finite, step 2 blows up.
+  assert np.isnan(lines[1]['train/loss']) and lines[1]['train/skipped_steps'] == 3
+
 
 def test_train_command_end_to_end(tmp_path):
   """The README's main job, shrunk: files of the run folder contract, then a resume."""
   data_dir = tmp_path / 'demo_data'
   workdir = tmp_path / 'run'
-  base = [sys.executable, '-m', 'mos_jax.train', '--config', 'configs/demo.py',
-          '--workdir', str(workdir), f'--config.data.demo_dir={data_dir}',
+  # Run from another folder with a relative workdir, as users do.
+  base = [sys.executable, '-m', 'mos_jax.train', '--config', f'{REPO}/configs/demo.py',
+          '--workdir', 'run', f'--config.data.demo_dir={data_dir}',
           f'--config.data.tokenizer={data_dir}/tokenizer', '--config.train.log_every=2',
           '--config.train.eval_every=2', '--config.train.eval_batches=1',
           '--config.mixing.update_every=2', '--config.train.checkpoint_every=2']
   from mos_jax.data import demo
   paths = [f'--config.data.datasets.{n}.path={e.path}'
            for n, e in demo.config_entries(str(data_dir)).items()]
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  done = subprocess.run(base + paths + ['--config.train.steps=4'], cwd=REPO, env=env,
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  done = subprocess.run(base + paths + ['--config.train.steps=4'], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'dev loss before -> after' in done.stdout
@@ -229,11 +255,11 @@ def test_train_command_end_to_end(tmp_path):
   assert any(f'reward/{names[0]}' in line for line in lines)
   assert any(f'eval/{names[0]}/loss' in line for line in lines)
 
-  again = subprocess.run(base + paths + ['--config.train.steps=4'], cwd=REPO, env=env,
+  again = subprocess.run(base + paths + ['--config.train.steps=4'], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'Resumed' in again.stderr + again.stdout
 
-  wrong = subprocess.run(base + paths + ['--config.train.lrr=1'], cwd=REPO, env=env,
+  wrong = subprocess.run(base + paths + ['--config.train.lrr=1'], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
   assert wrong.returncode != 0 and 'train.lrr' in wrong.stderr + wrong.stdout
