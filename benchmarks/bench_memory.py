@@ -1,15 +1,15 @@
 """Per-device memory of the compiled train step under FSDP, without weights or accelerators.
 
     python benchmarks/bench_memory.py [--presets qwen1.5-0.5b gemma-2b llama-3-8b]
-        [--devices 8 16 64] [--batch 64] [--seq 1024] [--constrain] [--json out.json]
+        [--devices 8 16 64] [--batch 64] [--seq 1024] [--json out.json]
 
 For each device count a subprocess simulates that many CPU devices (XLA_FLAGS), builds the
 abstract model (eval_shape), lowers the project's `steps.train_step` (forward, backward, AdamW)
 with the parameter / optimizer-state / batch shardings of `mos_jax.sharding` on a (1, N, 1)
 mesh, compiles it ahead of time and prints `compiled.memory_analysis()` per device.
-Setup: bf16 parameters and compute, fp32 AdamW moments, remat and scanned layers. `--constrain`
-pins the decoder's activations to batch sharding first (see `constrain_activations`).
-Results and their reading: docs/scaleout.md.
+Setup: bf16 parameters and compute, fp32 AdamW moments, remat and scanned layers; the decoder
+pins its activations to batch sharding (`sharding.constrain`).
+Results and their reading: README.md, "Memory per device".
 Numbers come from the XLA:CPU compiler: its buffer assignment (and how it lowers bf16) is not
 the TPU's or GPU's, so treat them as estimates of what the sharding does, not as a guarantee.
 """
@@ -36,30 +36,6 @@ def fp32_state(optimizer):
   return optax.GradientTransformation(
       lambda params: optimizer.init(jax.tree.map(lambda p: p.astype(jnp.float32), params)),
       optimizer.update)
-
-
-def constrain_activations():
-  """Pins the residual stream and the logits to batch sharding (sharding.constrain), by wrapping
-  the model's Block and Decoder calls: what mos_jax.models would do with two constrain() lines."""
-  from mos_jax import sharding
-  from mos_jax.models import decoder
-
-  block_call, decoder_call = decoder.Block.__call__, decoder.Decoder.from_embeddings
-
-  def block(self, x, *args):
-    return sharding.constrain(block_call(self, sharding.constrain(x, 'batch', None, 'embed'), *args),
-                              'batch', None, 'embed')
-
-  def from_embeddings(self, *args, **kwargs):
-    out = decoder_call(self, *args, **kwargs)
-    return out._replace(logits=sharding.constrain(out.logits, 'batch', None, 'vocab'))
-
-  decoder.Block.__call__, decoder.Decoder.from_embeddings = block, from_embeddings
-
-
-def decoder_patched() -> bool:
-  from mos_jax.models import decoder
-  return decoder.Block.__call__.__module__ == __name__
 
 
 def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
@@ -119,19 +95,17 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
       output_gib=round(mem.output_size_in_bytes / GIB, 3),
       alias_gib=round(mem.alias_size_in_bytes / GIB, 3),
       temp_gib=round(mem.temp_size_in_bytes / GIB, 3),
-      constrained=decoder_patched(),
       peak_gib=round((mem.argument_size_in_bytes + mem.output_size_in_bytes
                       - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / GIB, 3),
       unsharded=unsharded)
 
 
-def run_devices(devices: int, presets, batch: int, seq: int, timeout: float,
-                constrain: bool) -> list[dict]:
+def run_devices(devices: int, presets, batch: int, seq: int, timeout: float) -> list[dict]:
   """One subprocess per device count: XLA_FLAGS must be set before jax starts."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, os.path.abspath(__file__), '--child', '--presets', *presets,
-         '--batch', str(batch), '--seq', str(seq)] + (['--constrain'] if constrain else [])
+         '--batch', str(batch), '--seq', str(seq)]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode:
@@ -157,19 +131,15 @@ def main():
   p.add_argument('--seq', type=int, default=1024, help='tokens per row')
   p.add_argument('--timeout', type=float, default=3600, help='seconds per device count')
   p.add_argument('--json', default='', help='also write the rows here')
-  p.add_argument('--constrain', action='store_true',
-                 help='pin activations to batch sharding (see constrain_activations)')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
-    if args.constrain:
-      constrain_activations()
     for preset in args.presets:
       print(json.dumps(measure(preset, args.batch, args.seq)), flush=True)
     return
   rows = []
   for devices in args.devices:
-    rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout, args.constrain)
+    rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout)
   print(table(rows))
   if args.json:
     with open(args.json, 'w') as f:

@@ -10,7 +10,7 @@ Runs `python -m mos_jax.train` on this machine with all local devices in one pro
 
 Options:
   --config FILE[:ARG]  recipe (default: configs/demo.py)
-  --workdir DIR        run folder, local or gs:// (default: runs/local); rerun to resume
+  --workdir DIR        run folder (a local or mounted path; default: runs/local); rerun to resume
   --cpu-devices N      simulate N CPU devices (XLA_FLAGS), to try a mesh without accelerators
   --python BIN         interpreter (default: python)
   --dry-run            print the command instead of running it

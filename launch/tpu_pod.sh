@@ -15,7 +15,7 @@ Options:
   --project PROJECT        Google Cloud project (default: gcloud's configured one)
   --spot                   create a Spot (preemptible) slice
   --config FILE[:ARG]      recipe, relative to the repo (default: configs/demo.py)
-  --workdir DIR            run folder; use gs://BUCKET/... on multi-host slices (default: runs/tpu)
+  --workdir DIR            run folder; on multi-host slices a gcsfuse mount every worker sees (default: runs/tpu)
   --remote-dir DIR         where the repo goes on each worker, relative to home (default: mos_jax)
   --log-dir DIR            local folder for the workers' logs (default: launch-logs/NAME)
   --python BIN             interpreter on the workers (default: python3)
@@ -75,8 +75,8 @@ if [[ -z $version ]]; then
     *) die "unknown accelerator type $accel: pass --version" ;;
   esac
 fi
-[[ $workdir == gs://* ]] || echo "launch/tpu_pod.sh: note: --workdir $workdir is on each worker's" \
-  "own disk; a multi-host slice needs a shared gs:// workdir for checkpoints." >&2
+[[ $workdir == /mnt/* ]] || echo "launch/tpu_pod.sh: note: --workdir $workdir is on each worker's" \
+  "own disk unless it is a shared mount; a multi-host slice needs one (gcsfuse, see launch/README.md)." >&2
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 jax_version=$(sed -n 's/^jax==//p' "$root/requirements.txt")

@@ -1,7 +1,7 @@
-"""The config reference table in docs/infra.md, generated from the comments in mos_jax/config.py.
+"""The config reference table in README.md, generated from the comments in mos_jax/config.py.
 
     python -m mos_jax.config_doc            # print the table
-    python -m mos_jax.config_doc --write    # refresh it in docs/infra.md (between the markers)
+    python -m mos_jax.config_doc --write    # refresh it in README.md (between the markers)
 
 A test checks that the docs hold exactly this table, so the reference cannot drift from the schema.
 """
@@ -16,7 +16,7 @@ from mos_jax import config as config_lib
 BEGIN = '<!-- config-reference:begin (python -m mos_jax.config_doc --write) -->'
 END = '<!-- config-reference:end -->'
 DOC_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        'docs', 'infra.md')
+                        'README.md')
 _ASSIGN = re.compile(r'^\s*(c|d)\.([\w.]+) = .*?  # (.*)$')
 
 

@@ -78,8 +78,10 @@ def _build_model(config, mesh, vocab_size: int):
 
 def build(config, workdir: str) -> Run:
   """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
-  if '://' not in workdir:  # Orbax wants absolute paths; gs:// and other URLs pass through.
-    workdir = os.path.abspath(workdir)
+  if '://' in workdir:
+    raise ValueError(f'--workdir {workdir}: use a filesystem path; metrics, plots and the theta_0 '
+                     f'cache use plain file I/O (mount a bucket with gcsfuse, see launch/README.md).')
+  workdir = os.path.abspath(workdir)  # Orbax wants absolute paths.
   distributed.initialize()
   is_main = distributed.is_main_process()
   mesh = sharding.make_mesh(config.mesh)
@@ -308,7 +310,9 @@ def _train_loop(run: Run) -> dict:
       previous = metrics
 
       line = {}
-      if run.strategy.updates_scorer and step % config.mixing.update_every == 0:
+      # Algorithm 1 counts t = 0..T and updates psi after the theta update when t % S == 0; our
+      # step is t + 1, so the scorer moves after steps 1, S + 1, 2S + 1, ...
+      if run.strategy.updates_scorer and (step - 1) % config.mixing.update_every == 0:
         line.update(update_mixture(run))
         data.train.set_probabilities(current_probs(run))
       last = step == tc.steps

@@ -68,7 +68,7 @@ def _tpu(*args):
 
 
 def test_tpu_pod_dry_run():
-  lines = _tpu('--config', 'configs/paper.py:qwen-diff', '--workdir', 'gs://bucket/qwen',
+  lines = _tpu('--config', 'configs/paper.py:qwen-diff', '--workdir', '/mnt/gcs/qwen',
                *OVERRIDES)
   gcloud = [l for l in lines if l[0] == 'gcloud']
   verbs = [l[4] for l in gcloud]
@@ -84,7 +84,7 @@ def test_tpu_pod_dry_run():
   assert f'jax[tpu]=={JAX_VERSION}' in install[-1] and 'requirements.txt' in install[-1]
   remote = shlex.split(train[-1].removeprefix('--command='))
   assert 'MOS_DISTRIBUTED=auto' in remote
-  assert contains(remote, train_argv('python3', 'configs/paper.py:qwen-diff', 'gs://bucket/qwen',
+  assert contains(remote, train_argv('python3', 'configs/paper.py:qwen-diff', '/mnt/gcs/qwen',
                                      *OVERRIDES))
   assert fetch[5] == '--recurse' and fetch[6] == 'mos-v4:~/mos_jax_logs'
   assert any(l[0] == 'tar' for l in lines)  # The repo is packed before the upload.

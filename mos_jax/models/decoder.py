@@ -215,7 +215,7 @@ class Decoder(nnx.Module):
         segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, L, S]
     cos, sin = rope_tables(c, positions)
     # Pin activations to batch sharding: left to propagation from the FSDP-sharded weights,
-    # every device would compute the whole batch (see docs/scaleout.md). No-op without a mesh.
+    # every device would compute the whole batch (README: "Memory per device"). No-op without a mesh.
     x = sharding_lib.constrain(x, 'batch', None, 'embed')
 
     def apply(block, x, cos, sin, mask):
