@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from mos_jax import loss as loss_lib
+from mos_jax.mixing import rewards
 
 
 @flax.struct.dataclass
@@ -132,8 +133,8 @@ def example_nll(graphdef, params, batch):
   return mean_nll, valid, out.hidden
 
 
-def reward_step(params, reference_params, batch, *, graphdef, reference_graphdef=None,
-                num_datasets: int, with_embeddings: bool = True):
+def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
+                with_embeddings: bool = True):
   """The reward forward over one batch from every dataset (rows grouped by dataset).
 
   batch leaves are [b * N, ...], example-major (row j * N + i is example j of dataset i), so that
@@ -141,8 +142,6 @@ def reward_step(params, reference_params, batch, *, graphdef, reference_graphdef
   pooled embeddings [N, D] (Eq. 7) and per-example mean NLL [N, b] under theta; and under theta_0
   either from `reference_params` (kept on device) or from the batch's cached `nll0` rows.
   """
-  from mos_jax.mixing import rewards  # Deferred: mixing imports nothing from here.
-
   nll, valid, hidden = example_nll(graphdef, params, batch)
   per_dataset = lambda x: x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
   out = {'nll': per_dataset(nll), 'valid': per_dataset(valid)}
@@ -151,7 +150,7 @@ def reward_step(params, reference_params, batch, *, graphdef, reference_graphdef
     out['embeddings'] = jax.vmap(rewards.pooled_embedding)(
         per_dataset(hidden.astype(jnp.float32)), per_dataset(token_mask))  # [N, D]
   if reference_params is not None:
-    nll0, _, _ = example_nll(reference_graphdef or graphdef, reference_params, batch)
+    nll0, _, _ = example_nll(graphdef, reference_params, batch)
     out['nll0'] = per_dataset(nll0)
   elif 'nll0' in batch:
     out['nll0'] = per_dataset(batch['nll0'])

@@ -27,7 +27,7 @@ from mos_jax import metrics as metrics_lib
 from mos_jax import mixing
 from mos_jax import models
 from mos_jax import plots
-from mos_jax import reference
+from mos_jax import reference as reference_lib
 from mos_jax import report
 from mos_jax import sharding
 from mos_jax import steps
@@ -76,6 +76,71 @@ def _build_model(config, mesh, vocab_size: int):
   return model
 
 
+def _initial_state(config, model, sizes, mesh):
+  """The train state at step 0 on its shardings: parameters, AdamW, the scorer at q_tau."""
+  graphdef, param_state = nnx.split(model, nnx.Param)
+  param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
+  params = nnx.to_pure_dict(param_state)
+  replicated = sharding.replicated(mesh)
+  with jax.set_mesh(mesh):
+    optimizer = steps.make_optimizer(config.train)
+    opt_shardings = sharding.opt_state_shardings(optimizer, params, param_shardings, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    mixing_state = jax.device_put(
+        mixing.init_mixing_state(config.mixing, sizes, jax.random.key(config.seed + 1)),
+        replicated)
+  zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # Distinct buffers:
+  state = steps.TrainState(step=zero(), params=params, opt_state=opt_state,  # all are donated.
+                           mixing=mixing_state, bad_steps=zero(), skipped_steps=zero())
+  state_shardings = steps.TrainState(
+      step=replicated, params=param_shardings, opt_state=opt_shardings,
+      mixing=jax.tree.map(lambda _: replicated, mixing_state), bad_steps=replicated,
+      skipped_steps=replicated)
+  return graphdef, state, state_shardings, optimizer
+
+
+def _mixing_functions(config, strategy, graphdef, initial_params, param_shardings, mesh, data,
+                      workdir, is_main):
+  """The jitted reward forward and scorer update, and the theta_0 NLL tables for a cached DIFF.
+
+  theta_0 is the initial model: a resumed run rebuilds it the same way before restoring.
+  """
+  replicated = sharding.replicated(mesh)
+  reference = config.mixing.diff_reference
+  if strategy.needs_reference and reference not in ('cache', 'device'):
+    raise ValueError(f"config.mixing.diff_reference must be 'cache' or 'device', got "
+                     f'{reference!r}.')
+  reference_params = reference_tables = None
+  if strategy.needs_reference and reference == 'device':
+    ref_dtype = jnp.dtype(config.mixing.reference_dtype)
+    reference_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
+                               out_shardings=param_shardings)(initial_params)
+  reward_step = jax.jit(
+      functools.partial(steps.reward_step, graphdef=graphdef, num_datasets=len(data.names),
+                        with_embeddings=strategy.needs_embeddings),
+      in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
+                    None), out_shardings=replicated)
+  reward_fn = lambda params, batch: reward_step(params, reference_params, batch)
+  update = mixing.make_update_fn(config.mixing)
+
+  def mixing_update(mixing_state, reward_out):
+    raw = mixing.compute_rewards(strategy, reward_out.get('embeddings'), reward_out['nll'],
+                                 reward_out.get('nll0'), reward_out['valid'])
+    return update(mixing_state, raw)
+
+  mixing_fn = jax.jit(mixing_update, out_shardings=replicated)
+  if strategy.needs_reference and reference == 'cache':
+    nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef),
+                       in_shardings=(param_shardings, None), out_shardings=replicated)
+    with jax.set_mesh(mesh):
+      reference_tables = reference_lib.load_or_compute(
+          os.path.join(workdir, 'reference_nll'), data, reference_lib.model_key(config),
+          lambda batch: nll_step(initial_params, batch),
+          functools.partial(distributed.host_local_to_global, mesh=mesh),
+          batch_size=config.data.eval_batch_size, write=is_main)
+  return reward_fn, mixing_fn, reference_tables
+
+
 def build(config, workdir: str) -> Run:
   """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
   if '://' in workdir:
@@ -94,29 +159,10 @@ def build(config, workdir: str) -> Run:
 
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.
-  model = _build_model(config, mesh, len(data.tokenizer))
-  graphdef, param_state = nnx.split(model, nnx.Param)
-  param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
-  params = nnx.to_pure_dict(param_state)
-  del model, param_state
+  graphdef, state, state_shardings, optimizer = _initial_state(
+      config, _build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh)
+  param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
-  with jax.set_mesh(mesh):
-    optimizer = steps.make_optimizer(config.train)
-    opt_shardings = sharding.opt_state_shardings(optimizer, params, param_shardings, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    mixing_state = mixing.init_mixing_state(config.mixing, data.sizes,
-                                            jax.random.key(config.seed + 1))
-    replicated = sharding.replicated(mesh)
-    mixing_state = jax.device_put(mixing_state, replicated)
-    zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # Distinct buffers:
-    state = steps.TrainState(step=zero(), params=params, opt_state=opt_state,  # all are donated.
-                             mixing=mixing_state, bad_steps=zero(), skipped_steps=zero())
-    state_shardings = steps.TrainState(
-        step=replicated, params=param_shardings, opt_state=opt_shardings,
-        mixing=jax.tree.map(lambda _: replicated, mixing_state), bad_steps=replicated,
-        skipped_steps=replicated)
-
-  batch_sharding = sharding.batch_sharding(mesh, 1)
   train_fn = jax.jit(
       functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
                         num_datasets=num_datasets, micro_batches=config.train.micro_batches),
@@ -126,44 +172,10 @@ def build(config, workdir: str) -> Run:
                     in_shardings=(param_shardings, None), out_shardings=replicated)
   min_prob = float(config.mixing.min_prob)
   probs_fn = jax.jit(lambda mixing_state: mixing.probs(mixing_state.params, min_prob))
-
   reward_fn = mixing_fn = reference_tables = None
   if strategy.updates_scorer:
-    reference_params = reference_graphdef = None
-    if strategy.needs_reference and config.mixing.diff_reference == 'device':
-      ref_dtype = jnp.dtype(config.mixing.reference_dtype)
-      # theta_0 is the initial model; a resumed run rebuilds it the same way before restoring.
-      reference_params = jax.jit(
-          lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
-          out_shardings=param_shardings)(state.params)
-      reference_graphdef = graphdef
-    elif strategy.needs_reference and config.mixing.diff_reference != 'cache':
-      raise ValueError(f"config.mixing.diff_reference must be 'cache' or 'device', got "
-                       f'{config.mixing.diff_reference!r}.')
-    reward_step = jax.jit(
-        functools.partial(steps.reward_step, graphdef=graphdef,
-                          reference_graphdef=reference_graphdef, num_datasets=num_datasets,
-                          with_embeddings=strategy.needs_embeddings),
-        in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
-                      None), out_shardings=replicated)
-    reward_fn = lambda params, batch: reward_step(params, reference_params, batch)
-    update = mixing.make_update_fn(config.mixing)
-
-    def mixing_update(mixing_state, reward_out):
-      raw = mixing.compute_rewards(strategy, reward_out.get('embeddings'), reward_out['nll'],
-                                   reward_out.get('nll0'), reward_out['valid'])
-      return update(mixing_state, raw)
-
-    mixing_fn = jax.jit(mixing_update, out_shardings=replicated)
-    if strategy.needs_reference and config.mixing.diff_reference == 'cache':
-      nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef),
-                         in_shardings=(param_shardings, None), out_shardings=replicated)
-      to_global = functools.partial(distributed.host_local_to_global, mesh=mesh)
-      with jax.set_mesh(mesh):
-        reference_tables = reference.load_or_compute(
-            os.path.join(workdir, 'reference_nll'), data, reference.model_key(config),
-            lambda batch: nll_step(state.params, batch), to_global,
-            batch_size=config.data.eval_batch_size, write=is_main)
+    reward_fn, mixing_fn, reference_tables = _mixing_functions(
+        config, strategy, graphdef, state.params, param_shardings, mesh, data, workdir, is_main)
 
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
@@ -174,8 +186,9 @@ def build(config, workdir: str) -> Run:
           'loader': _loader_identity(config), 'config': json.loads(config_lib.config_to_json(config))}
   if latest is not None:
     _check_same_data(checkpointer.read_meta(latest), meta, workdir)
-    state, _ = checkpointer.restore(
-        latest, sharding.sharded_abstract(state, state_shardings), data.train)
+    target = sharding.sharded_abstract(state, state_shardings)
+    jax.tree.map(lambda x: x.delete(), state)  # Free the fresh state before the saved one lands.
+    state, _ = checkpointer.restore(latest, target, data.train)
     start_step = latest
     log.info('Resumed from %s at step %d.', os.path.join(workdir, 'checkpoints'), latest)
 
@@ -221,7 +234,7 @@ def update_mixture(run: Run) -> dict[str, float]:
   local = run.data.train.reward_batches()
   batch = _stack_reward_batches(local, names)
   if run.reference_tables is not None:
-    batch['nll0'] = reference.lookup(run.reference_tables, names, batch)
+    batch['nll0'] = reference_lib.lookup(run.reference_tables, names, batch)
   reward_out = run.reward_fn(run.state.params, distributed.host_local_to_global(batch, run.mesh))
   new_mixing, info = run.mixing_fn(run.state.mixing, reward_out)
   run.state = run.state.replace(mixing=new_mixing)
