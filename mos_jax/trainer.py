@@ -48,6 +48,7 @@ class Run:
   mesh: jax.sharding.Mesh
   data: Any  # mos_jax.data.DataBundle
   strategy: Any  # mos_jax.mixing.Strategy
+  graphdef: Any  # The backbone's structure; nnx.merge(graphdef, state.params) is the model.
   meta: dict  # Saved with every checkpoint: dataset names, data fingerprints, config.
   state: steps.TrainState
   train_fn: Callable  # (state, batch) -> (state, metrics), jitted, state donated.
@@ -198,7 +199,7 @@ def build(config, workdir: str) -> Run:
       f.write(config_lib.config_to_json(config))
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, resume_step=start_step or None)
   return Run(config=config, workdir=workdir, mesh=mesh, data=data, strategy=strategy,
-             meta=meta, state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
+             graphdef=graphdef, meta=meta, state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
              eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
              checkpointer=checkpointer, writer=writer, start_step=start_step)
 

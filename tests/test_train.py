@@ -264,3 +264,25 @@ def test_train_command_end_to_end(tmp_path):
   wrong = subprocess.run(base + paths + ['--config.train.lrr=1'], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
   assert wrong.returncode != 0 and 'train.lrr' in wrong.stderr + wrong.stdout
+
+  # Export: transformers (PyTorch) loads the folder and computes the logits of the checkpoint.
+  from mos_jax import cli
+  from mos_jax import export
+  overrides = [a for a in base + paths if a.startswith('--config.')] + ['--config.train.steps=4']
+  config = cli.load_config(f'{REPO}/configs/demo.py', overrides)
+  out = tmp_path / 'hf'
+  assert export.export(config, str(workdir), str(out)) == 4
+  run = trainer.build(config, str(workdir))
+  batch = next(iter(run.data.dev_batches(names[0])))
+  ours = nnx.merge(run.graphdef, run.state.params)(
+      batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids']).logits
+  import torch
+  import transformers
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+  with torch.no_grad():
+    theirs = hf(torch.tensor(batch['tokens'], dtype=torch.long),
+                attention_mask=torch.tensor(batch['segment_ids'] > 0, dtype=torch.long),
+                position_ids=torch.tensor(batch['positions'], dtype=torch.long)).logits.numpy()
+  real = batch['segment_ids'] > 0
+  np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4)
+  assert transformers.AutoTokenizer.from_pretrained(str(out)).chat_template

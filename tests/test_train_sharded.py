@@ -14,7 +14,7 @@ from mos_jax import metrics as metrics_lib
 from mos_jax import trainer
 from demo_run import REPO, demo_config
 
-MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
+MESHES = [(1, 8, 1), (2, 2, 2), (1, 4, 2)]  # FSDP only; data x fsdp x tensor; fsdp x tensor.
 
 # Runs inside a subprocess with 8 devices: one short run per mesh, then a resume on another mesh
 # from the (2, 2, 2) run's step-2 checkpoint.

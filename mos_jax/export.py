@@ -1,0 +1,49 @@
+"""Write a run's fine-tuned model as a Hugging Face folder.
+
+  python -m mos_jax.export --config configs/demo.py --workdir runs/demo --out runs/demo/hf
+
+Restores the latest checkpoint of the workdir with the config the run was trained with (the same
+--config and overrides) and writes config.json, safetensors and the tokenizer files into --out;
+`transformers.AutoModelForCausalLM.from_pretrained(out)` loads it.
+"""
+
+import logging
+
+from absl import app
+from absl import flags
+
+from mos_jax import cli
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder whose latest checkpoint to export.')
+_OUT = flags.DEFINE_string('out', None, 'Folder to write the Hugging Face checkpoint into.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --out if it already has files.')
+_CONFIG = cli.define_config_flag()
+
+
+def export(config, workdir: str, out: str, overwrite: bool = False) -> int:
+  """Writes the latest checkpoint's model to `out`; returns its step."""
+  from flax import nnx
+  from mos_jax import models, trainer  # Imported late: they pull in jax and the data stack.
+  run = trainer.build(config, workdir)
+  try:
+    if run.start_step == 0:
+      raise FileNotFoundError(f'{workdir}: no checkpoint to export (train first).')
+    model = nnx.merge(run.graphdef, run.state.params)
+    models.save_hf(model, out, tokenizer_dir=run.data.tokenizer.name_or_path, overwrite=overwrite)
+    return run.start_step
+  finally:
+    run.writer.close()
+    run.checkpointer.close()
+    run.data.close()
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _OVERWRITE.value)
+  print(f'Wrote the model of step {step} to {_OUT.value}.')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'out'])
+  app.run(main, flags_parser=cli.parse_flags)
