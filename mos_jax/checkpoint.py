@@ -11,7 +11,6 @@ Orbax coordinates the processes; every process calls every method.
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 

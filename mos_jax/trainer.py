@@ -190,6 +190,8 @@ def build(config, workdir: str) -> Run:
     target = sharding.sharded_abstract(state, state_shardings)
     jax.tree.map(lambda x: x.delete(), state)  # Free the fresh state before the saved one lands.
     state, _ = checkpointer.restore(latest, target, data.train)
+    if int(state.step) != latest:
+      raise ValueError(f'{workdir}: checkpoint {latest} holds the state of step {int(state.step)}.')
     start_step = latest
     log.info('Resumed from %s at step %d.', os.path.join(workdir, 'checkpoints'), latest)
 

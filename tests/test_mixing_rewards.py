@@ -4,7 +4,6 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from mos_jax.mixing import rewards
 
@@ -106,9 +105,10 @@ def test_diff_mospec_multiplies_target():
 
 
 def test_example_nll_is_mean_over_response_tokens():
+  from mos_jax import loss
   token_nll = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-  mask = jnp.array([[0, 1, 1], [0, 0, 0]])
-  nll, has = rewards.example_nll(token_nll, mask)
+  mask = jnp.array([[0, 1, 1], [0, 0, 0]], jnp.float32)
+  nll, has = loss.per_example_mean_nll(token_nll, mask)
   np.testing.assert_allclose(nll, [2.5, 0.0])
   np.testing.assert_array_equal(has, [True, False])
 

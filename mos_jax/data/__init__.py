@@ -7,3 +7,5 @@
 from mos_jax.data.bundle import DataBundle
 from mos_jax.data.bundle import build_data
 from mos_jax.data.mixture import check_probabilities
+
+__all__ = ['DataBundle', 'build_data', 'check_probabilities']

@@ -46,16 +46,6 @@ def cossim(z: jax.Array, target: int | None = None) -> jax.Array:
   return jnp.mean(unit @ unit.T, axis=1)  # [N]
 
 
-def example_nll(token_nll: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-example mean NLL over the response tokens (log PPL of Eq. 9) and whether it has any.
-
-  token_nll [..., L], loss_mask [..., L] -> (nll [...], has_tokens [...] bool).
-  """
-  loss_mask = loss_mask.astype(jnp.float32)
-  nll = _masked_mean(token_nll.astype(jnp.float32), loss_mask, axis=-1)
-  return nll, jnp.sum(loss_mask, axis=-1) > 0
-
-
 def diff(nll: jax.Array, nll0: jax.Array, valid: jax.Array, target: int | None = None,
          factor: float = 2.0) -> jax.Array:
   """Eq. 10: R(i) = mean over valid examples of PPL(theta) / PPL(theta_0) = exp(nll - nll0).
