@@ -96,8 +96,8 @@ def test_non_finite_update_is_skipped():
       lambda p, x: jnp.full_like(x, jnp.nan) if p == first else x, params)
   state = state.replace(params=poisoned)
   batch = _random_batch(np.random.default_rng(1), 4, 8, 64)
-  new, metrics = steps.train_step(state, batch, graphdef=graphdef, optimizer=optimizer,
-                                  num_datasets=2)
+  new, metrics = jax.jit(lambda s, b: steps.train_step(
+      s, b, graphdef=graphdef, optimizer=optimizer, num_datasets=2))(state, batch)
   assert not bool(metrics['finite'])
   assert int(new.bad_steps) == 1 and int(new.skipped_steps) == 1 and int(new.step) == 1
   for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(poisoned)):
