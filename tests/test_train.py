@@ -286,3 +286,23 @@ def test_train_command_end_to_end(tmp_path):
   real = batch['segment_ids'] > 0
   np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-4)
   assert transformers.AutoTokenizer.from_pretrained(str(out)).chat_template
+
+
+@pytest.mark.parametrize('strategy,reward', [('mos', 'cossim'), ('mospec', 'diff')])
+def test_other_rewards_run_end_to_end(tmp_path, strategy, reward):
+  config = demo_config(tmp_path, train__steps=2, train__log_every=1, train__eval_every=0,
+                       train__checkpoint_every=0, train__eval_batches=1)
+  config.mixing.strategy, config.mixing.reward = strategy, reward
+  config.mixing.update_every, config.mixing.ema = 1, False
+  if strategy == 'mospec':
+    config.mixing.target = 'math'
+  workdir = str(tmp_path / f'{strategy}-{reward}')
+  run = trainer.build(config, workdir)
+  trainer.train(run)
+  last = [r for r in _metric_lines(workdir) if 'reward/math' in r][-1]
+  raw = np.array([last[f'reward_raw/{n}'] for n in run.data.names])
+  if reward == 'cossim':  # Mean cosine of mean-pooled hidden states, itself included.
+    assert np.all(raw <= 1.0 + 1e-6) and np.all(raw > 0)
+  else:  # One DIFF ratio per dataset, the target's doubled.
+    assert last['reward_raw/math'] > 1.5 * np.median(raw)
+  assert sum(last[f'mixture/{n}'] for n in run.data.names) == pytest.approx(1.0, abs=1e-5)
