@@ -51,6 +51,8 @@ def main(argv):
   del argv
   import jax
   config = _CONFIG.value
+  if _WINDOWS.value < 1 or _REPEATS.value < 1:
+    raise app.UsageError('--windows and --repeats must be at least 1.')
   results = {'static': [], 'mos': []}
   for _ in range(_REPEATS.value):
     for strategy in results:

@@ -2,9 +2,10 @@
 
   python -m mos_jax.export --config configs/demo.py --workdir runs/demo --out runs/demo/hf
 
-Restores the latest checkpoint of the workdir with the config the run was trained with (the same
---config and overrides) and writes config.json, safetensors and the tokenizer files into --out;
-`transformers.AutoModelForCausalLM.from_pretrained(out)` loads it.
+Restores the model of the workdir's latest checkpoint with the config the run was trained with
+(the same --config and overrides; the model and mesh settings matter) and writes config.json,
+safetensors and the tokenizer files into --out; `transformers.AutoModelForCausalLM
+.from_pretrained(out)` loads it. The run folder is only read, so this works during a run too.
 """
 
 import logging
@@ -21,20 +22,11 @@ _CONFIG = cli.define_config_flag()
 
 
 def export(config, workdir: str, out: str, overwrite: bool = False) -> int:
-  """Writes the latest checkpoint's model to `out`; returns its step."""
-  from flax import nnx
+  """Writes the latest checkpoint's model to `out`; returns its step. The run folder is only read."""
   from mos_jax import models, trainer  # Imported late: they pull in jax and the data stack.
-  run = trainer.build(config, workdir)
-  try:
-    if run.start_step == 0:
-      raise FileNotFoundError(f'{workdir}: no checkpoint to export (train first).')
-    model = nnx.merge(run.graphdef, run.state.params)
-    models.save_hf(model, out, tokenizer_dir=run.data.tokenizer.name_or_path, overwrite=overwrite)
-    return run.start_step
-  finally:
-    run.writer.close()
-    run.checkpointer.close()
-    run.data.close()
+  model, step, tokenizer_dir = trainer.restore_model(config, workdir)
+  models.save_hf(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+  return step
 
 
 def main(argv):

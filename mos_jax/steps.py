@@ -88,17 +88,19 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
         lambda x: x.reshape((x.shape[0] // micro_batches, micro_batches) + x.shape[1:]).swapaxes(
             0, 1), batch)
 
-    def accumulate(carry, micro):
-      (nll_i, aux_i), grads_i = grad_fn(state.params, graphdef, micro, num_datasets)
-      return jax.tree.map(jnp.add, carry, ((nll_i, aux_i), grads_i)), None
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+    def accumulate(carry, micro):
+      out = grad_fn(state.params, graphdef, micro, num_datasets)
+      return jax.tree.map(jnp.add, carry, f32(out)), None  # Sums in fp32, even for bf16 params.
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
         lambda: grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], split), num_datasets)))
     ((nll_sum, aux), grads), _ = jax.lax.scan(accumulate, zeros, split)
 
   tokens = jnp.maximum(aux['tokens'], 1.0)
   loss = nll_sum / tokens
-  grads = jax.tree.map(lambda g: g / tokens, grads)
+  grads = jax.tree.map(lambda g, p: (g / tokens).astype(p.dtype), grads, state.params)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

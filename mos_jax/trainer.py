@@ -31,6 +31,7 @@ from mos_jax import reference as reference_lib
 from mos_jax import report
 from mos_jax import sharding
 from mos_jax import steps
+from mos_jax.data import bundle as data_lib
 from mos_jax.data import build_data
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,48 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
   return reward_fn, mixing_fn, reference_tables
 
 
-def build(config, workdir: str) -> Run:
-  """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
+def _checked_workdir(workdir: str) -> str:
   if '://' in workdir:
     raise ValueError(f'--workdir {workdir}: use a filesystem path; metrics, plots and the theta_0 '
                      f'cache use plain file I/O (mount a bucket with gcsfuse, see launch/README.md).')
-  workdir = os.path.abspath(workdir)  # Orbax wants absolute paths.
+  return os.path.abspath(workdir)  # Orbax wants absolute paths.
+
+
+def restore_model(config, workdir: str):
+  """The backbone of `workdir`'s latest checkpoint: (model, step, tokenizer folder).
+
+  Reads only the train state (not the loader, not the data) and writes nothing, so it works on a
+  finished, running or crashed run, with any number of processes.
+  """
+  workdir = _checked_workdir(workdir)
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{workdir}: no checkpoints/ folder (train first).')
+  distributed.initialize()
+  mesh = sharding.make_mesh(config.mesh)
+  checkpointer = checkpoint_lib.Checkpointer(directory, keep=config.train.keep_checkpoints,
+                                             async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'{directory}: no checkpoint (train first).')
+    tokenizer_dir = data_lib.tokenizer_path(config)
+    vocab_size = len(data_lib.load_tokenizer(tokenizer_dir))
+    # Only the scorer's shape depends on the dataset sizes; the restored values replace it.
+    sizes = [1] * len(config.data.datasets)
+    graphdef, state, state_shardings, _ = _initial_state(
+        config, _build_model(config, mesh, vocab_size), sizes, mesh)
+    target = sharding.sharded_abstract(state, state_shardings)
+    jax.tree.map(lambda x: x.delete(), state)
+    state, _ = checkpointer.restore(step, target)
+  finally:
+    checkpointer.close()
+  return nnx.merge(graphdef, state.params), step, tokenizer_dir
+
+
+def build(config, workdir: str) -> Run:
+  """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
+  workdir = _checked_workdir(workdir)
   distributed.initialize()
   is_main = distributed.is_main_process()
   mesh = sharding.make_mesh(config.mesh)
@@ -267,7 +304,11 @@ class _Window:
   def add(self, metrics):
     self.pending.append(metrics)
 
-  def flush(self, step: int) -> dict[str, float]:
+  def pause(self, seconds: float):
+    """Leaves time spent on evaluation and checkpoints out of the step timings."""
+    self.start += seconds
+
+  def flush(self, step: int, skipped_steps: int) -> dict[str, float]:
     got = [m for m in jax.device_get(self.pending) if m['finite']]
     elapsed, steps_done = time.perf_counter() - self.start, max(1, step - self.first_step)
     self.pending, self.start, self.first_step = [], time.perf_counter(), step
@@ -277,8 +318,9 @@ class _Window:
     out = {'train/loss': float(ds_nll.sum() / tokens) if tokens else float('nan'),
            'train/grad_norm': float(np.mean([m['grad_norm'] for m in got])) if got else float('nan'),
            'train/tokens': tokens,
-           # The update of step s used optax's count s - 1.
-           'train/lr': steps.learning_rate(self.train_config, step - 1),
+           # Skipped updates do not advance optax's count: step s used count s - 1 - skipped.
+           'train/lr': steps.learning_rate(self.train_config, step - 1 - skipped_steps),
+           'train/skipped_steps': skipped_steps,
            'perf/tokens_per_s': tokens / max(elapsed, 1e-9),
            'perf/step_s': elapsed / steps_done}
     for i, name in enumerate(self.names):
@@ -288,7 +330,7 @@ class _Window:
 
 
 def train(run: Run) -> dict:
-  """Runs from `run.start_step` to `config.train.steps`; returns the summary."""
+  """Runs from `run.start_step` to `config.train.steps`; returns the summary (on process 0)."""
   with jax.set_mesh(run.mesh):  # Activation sharding constraints need the mesh when tracing.
     try:
       return _train_loop(run)
@@ -336,14 +378,15 @@ def _train_loop(run: Run) -> dict:
       # Windows also restart at checkpoints, so a resumed run logs what an uninterrupted one does.
       if step % tc.log_every == 0 or checkpoint_now:
         _check_finite(metrics, tc.max_bad_steps)
-        line.update(window.flush(step))
-        line['train/skipped_steps'] = int(jax.device_get(run.state.skipped_steps))
+        line.update(window.flush(step, int(jax.device_get(run.state.skipped_steps))))
+      paused = time.perf_counter()
       if (tc.eval_every and step % tc.eval_every == 0) or last:
         dev = evaluate(run)
         say(_eval_text(step, dev, names))
         line.update(dev)
       if checkpoint_now:
         run.checkpointer.save(step, run.state, data.train, run.meta)
+      window.pause(time.perf_counter() - paused)
       if line:
         line.update(_mixture_metrics(current_probs(run), names))  # Every line has the mixture.
         run.writer.write(step, line)
@@ -357,10 +400,11 @@ def _train_loop(run: Run) -> dict:
     run.checkpointer.wait()
     run.writer.close()
   run.checkpointer.close()
+  if not is_main:  # Only process 0 has the metrics file.
+    return {}
   summary = report.summarize(os.path.join(run.workdir, 'metrics.jsonl'), names)
-  if is_main:
-    plots.write_plots(run.workdir)
-    print(report.format_summary(summary))
+  plots.write_plots(run.workdir)
+  print(report.format_summary(summary))
   return summary
 
 
@@ -384,6 +428,12 @@ def _check_batch_sizes(config, num_datasets: int, mesh):
   if micro < 1 or config.train.batch_size % micro:
     raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by '
                      f'train.micro_batches={micro}.')
+  # Each host feeds its own rows; devices that share a batch shard (the tensor axis) must then
+  # sit on one host, or they would be fed different rows for what must be one copy.
+  for shard in mesh.devices.reshape(-1, mesh.shape['tensor']):
+    if len({d.process_index for d in shard}) > 1:
+      raise ValueError(f'mesh.tensor={mesh.shape["tensor"]} spans several hosts; keep tensor '
+                       f'parallelism within a host (tensor <= devices per host).')
   for key, n in rows.items():
     if n % shards:
       raise ValueError(f'{key} = {n} rows do not split over mesh.data x mesh.fsdp = {shards} '

@@ -79,6 +79,9 @@ def test_train_step_loss_and_accumulation():
     np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
     # Per-dataset sums add up to the whole.
     np.testing.assert_allclose(float(metrics['dataset_tokens'].sum()), batch['loss_mask'].sum())
+  # The gradient itself (not only Adam's sign-like step) matches.
+  np.testing.assert_allclose(float(results[0][0]['grad_norm']), float(results[1][0]['grad_norm']),
+                             rtol=1e-5)
   leaves = [jax.tree.leaves(s.params) for _, s in results]
   for a, b in zip(*leaves):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)  # Adam amplifies rounding.
@@ -271,7 +274,9 @@ def test_train_command_end_to_end(tmp_path):
   overrides = [a for a in base + paths if a.startswith('--config.')] + ['--config.train.steps=4']
   config = cli.load_config(f'{REPO}/configs/demo.py', overrides)
   out = tmp_path / 'hf'
+  metrics_before = (workdir / 'metrics.jsonl').read_text()
   assert export.export(config, str(workdir), str(out)) == 4
+  assert (workdir / 'metrics.jsonl').read_text() == metrics_before  # Export only reads.
   run = trainer.build(config, str(workdir))
   batch = next(iter(run.data.dev_batches(names[0])))
   ours = nnx.merge(run.graphdef, run.state.params)(
@@ -305,4 +310,6 @@ def test_other_rewards_run_end_to_end(tmp_path, strategy, reward):
     assert np.all(raw <= 1.0 + 1e-6) and np.all(raw > 0)
   else:  # One DIFF ratio per dataset, the target's doubled.
     assert last['reward_raw/math'] > 1.5 * np.median(raw)
-  assert sum(last[f'mixture/{n}'] for n in run.data.names) == pytest.approx(1.0, abs=1e-5)
+  # Started uniform; COSSIM rewards are all close to 1, so p moves only a little (p ~ R).
+  moved = [abs(last[f'mixture/{n}'] - 0.25) for n in run.data.names]
+  assert max(moved) > 1e-5, moved

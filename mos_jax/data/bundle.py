@@ -88,7 +88,8 @@ def _seed(*parts) -> int:
   return int(np.random.SeedSequence([abs(int(p)) for p in parts]).generate_state(1)[0])
 
 
-def _tokenizer_path(config) -> str:
+def tokenizer_path(config) -> str:
+  """The tokenizer folder a config uses: data.tokenizer, else the checkpoint's, else the demo's."""
   path = config.data.tokenizer or config.model.get('hf_checkpoint', '')
   if not path and config.data.demo_dir:
     path = demo.tokenizer_dir(config.data.demo_dir)
@@ -172,7 +173,7 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
     raise ValueError('data.buckets needs a single process: hosts would pad to different lengths')
   if d.demo_dir:
     demo.ensure_demo(d.demo_dir)
-  tokenizer = load_tokenizer(_tokenizer_path(config))
+  tokenizer = load_tokenizer(tokenizer_path(config))
   pad_id = tokenizer.pad_token_id
   if pad_id is None:
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
