@@ -1,19 +1,31 @@
-"""The `--config` flag shared by every main(), with readable errors for mistyped override keys.
+"""What every command shares: the `--config` flag, readable flag errors, quiet logs, short errors.
 
     _CONFIG = cli.define_config_flag()
-    app.run(main, flags_parser=cli.parse_flags)
+    if __name__ == '__main__':
+      cli.run(main, 'train', required=('config', 'workdir'))
 
 ml_collections raises a bare AttributeError/KeyError deep inside flag parsing when
 `--config.KEY=...` names no field; `parse_flags` replaces it with one line naming the key.
+`run` routes library logs to a file (`mos_jax.console`), prints expected errors
+(`mos_jax.errors.EXPECTED`) as one paragraph and exits 1, and Ctrl-C outside training as one line
+with exit 130; `--alsologtostderr` shows all logs and tracebacks on the terminal.
 """
 
 import difflib
+import logging
 import re
 import sys
+import traceback
 
+from absl import app
 from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
+
+from mos_jax import console
+from mos_jax import errors
+
+log = logging.getLogger(__name__)
 
 _OVERRIDE = re.compile(r'^--?(?:no)?config\.([^=]+)')
 
@@ -86,12 +98,61 @@ def _parse(flag_values: flags.FlagValues, argv: list[str]) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl `app.run(..., flags_parser=parse_flags)`: exits with one clear line on a bad key."""
+  """absl `app.run(..., flags_parser=parse_flags)`: exits with one clear line on a bad flag."""
   try:
     return _parse(flags.FLAGS, argv)
   except UnknownConfigKeyError as e:
-    print(f'FATAL Flags parsing error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
+  except flags.Error as e:
+    _fail(f'{e} (--helpshort lists the flags).')
+  except errors.EXPECTED as e:  # A recipe file that is missing or does not load.
+    _fail(f'--config: {e}')
+
+
+def _fail(message: str, code: int = 1):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(code)
+
+
+def _check_required(required, argv):
+  for name in required:
+    if name in flags.FLAGS and flags.FLAGS[name].value in (None, ''):
+      example = {'config': ' configs/demo.py', 'workdir': ' runs/NAME'}.get(name, '=...')
+      _fail(f'--{name} is required, e.g. {argv[0]} --{name}{example} (--helpshort lists the '
+            f'flags).')
+
+
+def run(main, command: str, required=('config',)) -> None:
+  """absl's app.run for a mos_jax command: quiet logs, one-paragraph errors, exit codes.
+
+  `main(argv)` may return an exit code. Exits 1 on an expected error, 130 on Ctrl-C.
+  """
+
+  def wrapped(argv):
+    echo = flags.FLAGS['alsologtostderr'].value or flags.FLAGS['logtostderr'].value
+    console.setup(command, echo=echo, debug=flags.FLAGS['verbosity'].value >= 1)
+    _check_required(required, [f'python -m mos_jax.{command}'])
+    try:
+      return main(argv)
+    except KeyboardInterrupt:
+      log.info('Interrupted.', exc_info=True, extra={'terminal': False})
+      print('Interrupted (Ctrl-C).', file=sys.stderr)
+      sys.exit(130)
+    except errors.EXPECTED as e:
+      log.info('Stopped with an expected error.', exc_info=True, extra={'terminal': False})
+      if echo:
+        traceback.print_exc()
+      message = str(e).strip() or type(e).__name__
+      if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
+        message += f' ({e.filename})'
+      _fail(f'{message}\n(Details in {console.log_path()}; --alsologtostderr shows them here.)')
+    except Exception:
+      log.error('Unexpected error.', exc_info=True, extra={'terminal': False})
+      raise
+    finally:
+      console.finish()
+
+  app.run(wrapped, flags_parser=parse_flags)
 
 
 def load_config(spec: str, overrides: list[str] = ()) -> config_dict.ConfigDict:
