@@ -13,7 +13,6 @@ import json
 import statistics
 import tempfile
 
-from absl import app
 from absl import flags
 
 from mos_jax import cli
@@ -52,7 +51,7 @@ def main(argv):
   import jax
   config = _CONFIG.value
   if _WINDOWS.value < 1 or _REPEATS.value < 1:
-    raise app.UsageError('--windows and --repeats must be at least 1.')
+    raise ValueError('--windows and --repeats must be at least 1.')
   results = {'static': [], 'mos': []}
   for _ in range(_REPEATS.value):
     for strategy in results:
@@ -66,4 +65,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, 'bench')

@@ -6,12 +6,43 @@ Each step folder holds three Composite items:
   data   the loader's `get_state()` via Grain's Orbax handler (one file per process);
   meta   JSON (config, data fingerprints, dataset names) for checks before resuming.
 Orbax coordinates the processes; every process calls every method.
+
+A checkpoint that cannot be read (a truncated or missing file) raises `CheckpointUnreadable`,
+which names the step and the failing file; `set_aside(step)` moves it out of the way (into
+`checkpoints.unreadable/`, never deleted) so that an older one can be restored.
 """
 
+import os
+import re
+import shutil
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+
+from mos_jax import errors
+
+
+class CheckpointUnreadable(errors.UserError):
+  """A checkpoint's files cannot be read back."""
+
+  def __init__(self, directory: str, step: int, detail: str):
+    self.directory, self.step, self.detail = directory, step, detail
+    super().__init__(f'checkpoint {step} in {directory} cannot be read: {detail}')
+
+
+def _failure_detail(exc: BaseException) -> str:
+  """The most specific line of an exception chain: the innermost message naming a file."""
+  chain, seen = [], set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    chain.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  lines = [f'{type(e).__name__}: {line.strip()}' for e in reversed(chain)
+           for line in str(e).splitlines()[:1] if line.strip()]
+  named = [line for line in lines if re.search(r'(/[^\s"\']+)', line)]
+  detail = (named or lines or ['unknown error'])[0]
+  return detail if len(detail) < 400 else detail[:400] + '...'
 
 
 class Checkpointer:
@@ -46,12 +77,13 @@ class Checkpointer:
     """Returns (state, meta) of `step` and moves `data_iterator` (if given) to the saved position.
 
     `abstract_state` is a pytree of `jax.ShapeDtypeStruct` whose `.sharding` says where each array
-    lands (e.g. from `jax.eval_shape` plus the target mesh's shardings).
+    lands (e.g. from `jax.eval_shape` plus the target mesh's shardings). Raises
+    CheckpointUnreadable when its files cannot be read.
     """
     items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
     if data_iterator is not None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._read(step, items)
     return restored['state'], restored['meta']
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -59,7 +91,36 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError('no checkpoint to read metadata from')
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    return self._read(step, {'meta': ocp.args.JsonRestore()})['meta']
+
+  def _read(self, step: int, items: dict) -> Any:
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointUnreadable(self.directory, step, _failure_detail(e)) from e
+    if restored.get('meta') is None:
+      raise CheckpointUnreadable(self.directory, step, 'its meta/metadata file is missing')
+    return restored
+
+  @property
+  def directory(self) -> str:
+    return str(self._manager.directory)
+
+  def reload(self) -> None:
+    """Looks at the folder again (after another process changed it)."""
+    self._manager.reload()
+
+  def set_aside(self, step: int) -> str:
+    """Moves checkpoint `step` to `<directory>.unreadable/<step>`; returns where it went."""
+    self.wait()
+    aside = self.directory.rstrip('/') + '.unreadable'
+    os.makedirs(aside, exist_ok=True)
+    target = os.path.join(aside, str(step))
+    while os.path.exists(target):
+      target += '_'
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def wait(self) -> None:
     """Blocks until a background save has finished (call before exiting or reading it back)."""

@@ -13,6 +13,7 @@ with exit 130; `--alsologtostderr` shows all logs and tracebacks on the terminal
 
 import difflib
 import logging
+import os
 import re
 import sys
 import traceback
@@ -120,17 +121,22 @@ def _check_required(required, argv):
       example = {'config': ' configs/demo.py', 'workdir': ' runs/NAME'}.get(name, '=...')
       _fail(f'--{name} is required, e.g. {argv[0]} --{name}{example} (--helpshort lists the '
             f'flags).')
+  spec = _config_spec(sys.argv)
+  if 'config' in required and spec and not os.path.isfile(spec.split(':')[0]):
+    _fail(f'--config {spec}: there is no file {spec.split(":")[0]} (from {os.getcwd()}).')
 
 
-def run(main, command: str, required=('config',)) -> None:
+def run(main, command: str, required=('config',), log_in_workdir: bool = False) -> None:
   """absl's app.run for a mos_jax command: quiet logs, one-paragraph errors, exit codes.
 
   `main(argv)` may return an exit code. Exits 1 on an expected error, 130 on Ctrl-C.
+  `log_in_workdir`: the log goes to the run's own folder once it is accepted (training).
   """
 
   def wrapped(argv):
     echo = flags.FLAGS['alsologtostderr'].value or flags.FLAGS['logtostderr'].value
-    console.setup(command, echo=echo, debug=flags.FLAGS['verbosity'].value >= 1)
+    console.setup(command, echo=echo, debug=flags.FLAGS['verbosity'].value >= 1,
+                  log_in_workdir=log_in_workdir)
     _check_required(required, [f'python -m mos_jax.{command}'])
     try:
       return main(argv)

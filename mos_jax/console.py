@@ -84,6 +84,7 @@ class _Terminal(logging.Filter):
 
 _file_handler: _Deferred | None = None
 _command = 'mos_jax'
+_follow_workdir = False  # Whether `log_to` (a training run's own log file) is honoured.
 
 
 def default_log_path(command: str) -> str:
@@ -104,19 +105,16 @@ def _quiet_library_handlers():
     logger.propagate = True
 
 
-def setup(command: str, echo: bool = False, debug: bool = False) -> None:
-  """Routes logging for `command`; `echo` also shows every record on the terminal."""
-  global _file_handler, _command
-  _command = command
+def setup(command: str, echo: bool = False, debug: bool = False,
+          log_in_workdir: bool = False) -> None:
+  """Routes logging for `command`; `echo` also shows every record on the terminal.
+
+  `log_in_workdir`: the command's run writes its log into its workdir (`log_to`); otherwise
+  (commands that start training runs of their own, like bench) the default file keeps it.
+  """
+  global _file_handler, _command, _follow_workdir
+  _command, _follow_workdir = command, log_in_workdir
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # XLA's C++ INFO lines; warnings stay.
-  try:  # Import the libraries' logging set-up now, so that its handlers can be taken off.
-    import transformers.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
-    import datasets  # pylint: disable=g-import-not-at-top
-    import huggingface_hub.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
-    if not echo:
-      datasets.disable_progress_bars()
-  except ImportError:
-    pass
   root = logging.getLogger()
   for handler in list(root.handlers):
     root.removeHandler(handler)
@@ -133,14 +131,29 @@ def setup(command: str, echo: bool = False, debug: bool = False) -> None:
   for name in ('absl', 'transformers', 'datasets', 'huggingface_hub'):
     logging.getLogger(name).setLevel(level)
   logging.captureWarnings(True)
+  try:  # Import the libraries' logging set-up now, so that its handlers can be taken off.
+    import transformers.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
+    import datasets  # pylint: disable=g-import-not-at-top
+    import huggingface_hub.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
+    if not echo:
+      datasets.disable_progress_bars()
+  except ImportError:
+    pass
   _quiet_library_handlers()
+
+
+def say(text: str) -> None:
+  """A line for the user: on the terminal (stdout), and in the log file."""
+  print(text, flush=True)
+  logging.getLogger('mos_jax.console').info(text, extra={'terminal': False})
 
 
 def log_to(path: str) -> None:
   """Starts writing the log file at `path` (with what was logged so far)."""
   if _file_handler is not None:
     _quiet_library_handlers()  # Libraries imported since set-up.
-    _file_handler.open(path)
+    if _follow_workdir:
+      _file_handler.open(path)
 
 
 def log_path() -> str:

@@ -8,9 +8,6 @@ safetensors and the tokenizer files into --out; `transformers.AutoModelForCausal
 .from_pretrained(out)` loads it. The run folder is only read, so this works during a run too.
 """
 
-import logging
-
-from absl import app
 from absl import flags
 
 from mos_jax import cli
@@ -31,11 +28,9 @@ def export(config, workdir: str, out: str, overwrite: bool = False) -> int:
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
   step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _OVERWRITE.value)
   print(f'Wrote the model of step {step} to {_OUT.value}.')
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['workdir', 'out'])
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, 'export', required=('config', 'workdir', 'out'))

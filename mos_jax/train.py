@@ -2,28 +2,26 @@
 
   python -m mos_jax.train --config configs/demo.py --workdir runs/demo [--config.KEY=VALUE ...]
 
-Running it again on the same workdir resumes from the latest checkpoint.
+Running it again on the same workdir resumes from the latest checkpoint. SIGTERM saves the
+current step and exits 0, Ctrl-C does the same and exits 130 (a second Ctrl-C aborts at once).
+Library logs go to DIR/train.log; --alsologtostderr shows them here too.
 """
 
-import logging
-
-from absl import app
 from absl import flags
 
 from mos_jax import cli
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: metrics, plots, checkpoints.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: metrics, plots, checkpoints, log.')
 _CONFIG = cli.define_config_flag()
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  logging.getLogger().setLevel(logging.INFO)
   from mos_jax import trainer  # Imported after flag parsing: it pulls in jax and the data stack.
-  trainer.train(trainer.build(config, _WORKDIR.value))
+  run = trainer.build(_CONFIG.value, _WORKDIR.value)
+  trainer.train(run)
+  return run.exit_code
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('workdir')
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, 'train', required=('config', 'workdir'), log_in_workdir=True)

@@ -3,6 +3,11 @@
 `build(config, workdir)` makes everything a run needs (mesh, data, model, jitted steps, state,
 checkpoints, metrics) and `train(run)` drives it. This is the one place where steps are jitted
 with shardings and donation.
+
+A run holds its workdir's lock (`workdir_lock`) from `build` to the end of `train`; it stops
+cleanly on SIGTERM/SIGINT (`preemption`: save the current step, exit), never checkpoints a state
+whose latest update was non-finite, and resumes from an older checkpoint when the latest cannot
+be read only if `train.restore_fallback` says so.
 """
 
 from __future__ import annotations
@@ -19,18 +24,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mos_jax import checkpoint as checkpoint_lib
 from mos_jax import config as config_lib
+from mos_jax import config_check
+from mos_jax import console
 from mos_jax import distributed
+from mos_jax import errors
 from mos_jax import metrics as metrics_lib
 from mos_jax import mixing
 from mos_jax import models
 from mos_jax import plots
+from mos_jax import preemption
 from mos_jax import reference as reference_lib
 from mos_jax import report
 from mos_jax import sharding
 from mos_jax import steps
+from mos_jax import workdir_lock
 from mos_jax.data import bundle as data_lib
 from mos_jax.data import build_data
 
@@ -38,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 
-class TrainingError(RuntimeError):
+class TrainingError(errors.UserError, RuntimeError):
   """A run that cannot go on (e.g. too many non-finite updates in a row)."""
 
 
@@ -61,6 +72,17 @@ class Run:
   checkpointer: Any
   writer: Any
   start_step: int
+  lock: Any = None  # workdir_lock.WorkdirLock held by process 0 until train() ends.
+  saved_step: int | None = None  # The newest checkpoint (written or restored), for messages.
+  window: list = dataclasses.field(default_factory=list)  # Unlogged step metrics at resume.
+  stopped_by: str | None = None  # 'SIGTERM' / 'Ctrl-C (SIGINT)' when a signal stopped train().
+  exit_code: int = 0  # What the train command exits with (130 after Ctrl-C).
+
+  def close(self):
+    """Releases the workdir (train() does it; call it when a built run is not trained)."""
+    if self.lock is not None:
+      self.lock.release()
+      self.lock = None
 
 
 def _build_model(config, mesh, vocab_size: int):
@@ -183,10 +205,30 @@ def restore_model(config, workdir: str):
 
 
 def build(config, workdir: str) -> Run:
-  """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
+  """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one.
+
+  The config is checked before anything is read or written; a workdir in use by another run is
+  refused (WorkdirInUse). From here until `train` returns (or `Run.close`), the run holds the lock.
+  """
+  config_check.validate(config)
   workdir = _checked_workdir(workdir)
   distributed.initialize()
   is_main = distributed.is_main_process()
+  lock = workdir_lock.WorkdirLock(workdir).acquire() if is_main else None
+  try:
+    run = _build(config, workdir, is_main)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
+  run.lock = lock
+  # The log file starts once the run is accepted: a refused start writes nothing into workdir.
+  console.log_to(os.path.join(workdir, 'train.log' if is_main
+                              else f'train.process{jax.process_index()}.log'))
+  return run
+
+
+def _build(config, workdir: str, is_main: bool) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   data = build_data(config, process_index=jax.process_index(),
                     process_count=jax.process_count())
@@ -218,19 +260,16 @@ def build(config, workdir: str) -> Run:
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
       async_save=config.train.async_checkpoints)
-  start_step = 0
-  latest = checkpointer.latest_step()
+  start_step, window = 0, []
   meta = {'names': names, 'fingerprints': {n: data.fingerprint(n) for n in names},
           'loader': _loader_identity(config), 'config': json.loads(config_lib.config_to_json(config))}
-  if latest is not None:
-    _check_same_data(checkpointer.read_meta(latest), meta, workdir)
-    target = sharding.sharded_abstract(state, state_shardings)
-    jax.tree.map(lambda x: x.delete(), state)  # Free the fresh state before the saved one lands.
-    state, _ = checkpointer.restore(latest, target, data.train)
-    if int(state.step) != latest:
-      raise ValueError(f'{workdir}: checkpoint {latest} holds the state of step {int(state.step)}.')
-    start_step = latest
-    log.info('Resumed from %s at step %d.', os.path.join(workdir, 'checkpoints'), latest)
+  if checkpointer.latest_step() is not None:
+    try:
+      state, start_step, window = _resume(config, checkpointer, state, state_shardings, data,
+                                          meta, workdir, is_main)
+    except BaseException:
+      checkpointer.close()
+      raise
 
   if is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -240,7 +279,51 @@ def build(config, workdir: str) -> Run:
   return Run(config=config, workdir=workdir, mesh=mesh, data=data, strategy=strategy,
              graphdef=graphdef, meta=meta, state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
              eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
-             checkpointer=checkpointer, writer=writer, start_step=start_step)
+             checkpointer=checkpointer, writer=writer, start_step=start_step,
+             saved_step=start_step or None, window=window)
+
+
+def _resume(config, checkpointer, state, state_shardings, data, meta, workdir, is_main):
+  """(state, step, unlogged window metrics) of the newest readable checkpoint.
+
+  An unreadable latest checkpoint stops the run, naming the file, unless
+  `train.restore_fallback`: then it is set aside (moved, not deleted) and the next older one is
+  tried. A checkpoint of other data or loader settings is refused either way.
+  """
+  target = sharding.sharded_abstract(state, state_shardings)
+  jax.tree.map(lambda x: x.delete(), state)  # Free the fresh state before the saved one lands.
+  while (latest := checkpointer.latest_step()) is not None:
+    try:
+      _check_same_data(checkpointer.read_meta(latest), meta, workdir)
+      state, saved_meta = checkpointer.restore(latest, target, data.train)
+    except checkpoint_lib.CheckpointUnreadable as e:
+      older = [s for s in checkpointer.all_steps() if s < latest]
+      if not config.train.restore_fallback:
+        advice = (f'Older checkpoints ({", ".join(map(str, older))}) may be intact: run again with '
+                  f'--config.train.restore_fallback=True to set this one aside and resume from '
+                  f'the newest readable one.' if older else
+                  'There is no older checkpoint: move it away to start again, or use a new '
+                  'workdir.')
+        raise checkpoint_lib.CheckpointUnreadable(e.directory, e.step, f'{e.detail}. {advice}'
+                                                  ) from e
+      aside = checkpointer.set_aside(latest) if is_main else 'checkpoints.unreadable/'
+      if jax.process_count() > 1:  # The others look again once process 0 has moved it.
+        multihost_utils.sync_global_devices(f'set aside checkpoint {latest}')
+        checkpointer.reload()
+      log.warning('Checkpoint %d cannot be read (%s); moved it to %s and trying %s.', latest,
+                  e.detail, aside, f'checkpoint {older[-1]}' if older else 'a fresh start')
+      continue
+    if int(state.step) != latest:
+      raise ValueError(f'{workdir}: checkpoint {latest} holds the state of step {int(state.step)}.')
+    console.say(f'Resumed from {os.path.join(workdir, "checkpoints")} at step {latest}.')
+    return state, latest, _window_from_json(saved_meta.get('window', []))
+  raise errors.UserError(f'{workdir}: no checkpoint could be read; they were moved to '
+                         f'{checkpointer.directory.rstrip("/")}.unreadable/. Run again to start '
+                         f'from step 0, or use a new workdir.')
+
+
+def _window_from_json(pending: list) -> list:
+  return [{k: np.asarray(value, dtype) for k, (dtype, value) in m.items()} for m in pending]
 
 
 def _stack_reward_batches(batches: dict, names) -> dict:
@@ -296,13 +379,18 @@ class _Window:
   Non-finite (skipped) steps are left out of the losses; their count is logged separately.
   """
 
-  def __init__(self, names, train_config, first_step):
+  def __init__(self, names, train_config, first_step, pending=()):
     self.names, self.train_config = names, train_config
-    self.pending = []
+    self.pending = list(pending)  # Restored from a checkpoint written between two log steps.
     self.start, self.first_step = time.perf_counter(), first_step
 
   def add(self, metrics):
     self.pending.append(metrics)
+
+  def to_json(self) -> list:
+    """The unlogged steps' metrics, for a checkpoint saved between two log steps (exact types)."""
+    return [{k: [str(v.dtype), v.tolist()] for k, v in m.items()}
+            for m in jax.device_get(self.pending)]
 
   def pause(self, seconds: float):
     """Leaves time spent on evaluation and checkpoints out of the step timings."""
@@ -330,15 +418,22 @@ class _Window:
 
 
 def train(run: Run) -> dict:
-  """Runs from `run.start_step` to `config.train.steps`; returns the summary (on process 0)."""
+  """Runs from `run.start_step` to `config.train.steps`; returns the summary (on process 0).
+
+  A SIGTERM or SIGINT ends it early after saving the current step: then `run.stopped_by` names
+  the signal, `run.exit_code` is 0 (SIGTERM) or 130 (SIGINT) and the summary is empty.
+  """
+  stop = preemption.StopSignals().install()
   with jax.set_mesh(run.mesh):  # Activation sharding constraints need the mesh when tracing.
     try:
-      return _train_loop(run)
+      return _train_loop(run, stop)
     finally:
+      stop.restore()
       run.data.close()
+      run.close()
 
 
-def _train_loop(run: Run) -> dict:
+def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
   config, data, names = run.config, run.data, run.data.names
   tc = config.train
   is_main = distributed.is_main_process()
@@ -355,7 +450,7 @@ def _train_loop(run: Run) -> dict:
     say(_eval_text(0, first, names))
     run.writer.write(0, {**first, **_mixture_metrics(current_probs(run), names)})
 
-  window = _Window(names, tc, run.start_step)
+  window = _Window(names, tc, run.start_step, run.window)
   previous = None  # The last step's metrics, read one step late so the device never idles.
   try:
     for step in range(run.start_step + 1, tc.steps + 1):
@@ -364,7 +459,7 @@ def _train_loop(run: Run) -> dict:
                                         distributed.host_local_to_global(batch, run.mesh))
       window.add(metrics)
       if previous is not None:
-        _check_finite(previous, tc.max_bad_steps)
+        _check_finite(run, previous)
       previous = metrics
 
       line = {}
@@ -377,7 +472,7 @@ def _train_loop(run: Run) -> dict:
       checkpoint_now = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last
       # Windows also restart at checkpoints, so a resumed run logs what an uninterrupted one does.
       if step % tc.log_every == 0 or checkpoint_now:
-        _check_finite(metrics, tc.max_bad_steps)
+        _check_finite(run, metrics)
         line.update(window.flush(step, int(jax.device_get(run.state.skipped_steps))))
       paused = time.perf_counter()
       if (tc.eval_every and step % tc.eval_every == 0) or last:
@@ -385,7 +480,7 @@ def _train_loop(run: Run) -> dict:
         say(_eval_text(step, dev, names))
         line.update(dev)
       if checkpoint_now:
-        run.checkpointer.save(step, run.state, data.train, run.meta)
+        _save(run, step, run.meta, say)
       window.pause(time.perf_counter() - paused)
       if line:
         line.update(_mixture_metrics(current_probs(run), names))  # Every line has the mixture.
@@ -394,12 +489,26 @@ def _train_loop(run: Run) -> dict:
           progress.set_postfix_str(_progress_text(line, names))
       if progress is not None:
         progress.update(1)
+      if not last and stop.at(step):
+        # The window's unlogged steps travel in the checkpoint, so the resumed run logs exactly
+        # what an uninterrupted one does.
+        saved = _save(run, step, {**run.meta, 'window': window.to_json()}, say)
+        run.checkpointer.wait()  # Durable before the process exits.
+        run.stopped_by, run.exit_code = stop.name, stop.exit_code
+        break
   finally:
     if progress is not None:
       progress.close()
     run.checkpointer.wait()
     run.writer.close()
   run.checkpointer.close()
+  if run.stopped_by:
+    where = (f'saved step {step} in {run.checkpointer.directory}' if saved else
+             f'the last good checkpoint is step {run.saved_step}' if run.saved_step else
+             'no checkpoint was written')
+    say(f'Stopped by {run.stopped_by} after step {step}; {where}. Run the same command to '
+        f'resume.')
+    return {}
   if not is_main:  # Only process 0 has the metrics file.
     return {}
   summary = report.summarize(os.path.join(run.workdir, 'metrics.jsonl'), names)
@@ -459,13 +568,28 @@ def _check_same_data(saved: dict, current: dict, workdir: str):
                        f'stopped. Restore the data and settings, or use a new workdir.')
 
 
-def _check_finite(metrics, max_bad_steps):
+def _save(run: Run, step: int, meta: dict, say) -> bool:
+  """Starts a checkpoint of `step` unless the latest update was non-finite (then the state is
+  the last good one, but resuming from it would repeat the streak's start: keep the older one)."""
+  if int(jax.device_get(run.state.bad_steps)):
+    say(f'warning: step {step} is not checkpointed: its update was non-finite (skipped).')
+    return False
+  run.checkpointer.save(step, run.state, run.data.train, meta)
+  run.saved_step = step
+  return True
+
+
+def _check_finite(run: Run, metrics):
   bad = int(jax.device_get(metrics['bad_steps']))
-  if bad >= max_bad_steps:
+  if bad >= run.config.train.max_bad_steps:
+    where = (f'The last good checkpoint is step {run.saved_step} ({run.checkpointer.directory}): '
+             f'run the same command with a lower --config.train.lr to resume from it.'
+             if run.saved_step else 'No checkpoint was written: start again with a lower '
+             '--config.train.lr.')
     raise TrainingError(
-        f'{bad} non-finite updates in a row (loss or gradient is NaN/inf); stopping. Those updates '
-        f'were skipped, the last checkpoint is intact. Lower train.lr, check the data, or raise '
-        f'train.max_bad_steps.')
+        f'{bad} non-finite updates in a row (loss or gradient is NaN/inf); stopping (those updates '
+        f'were skipped and no checkpoint was written during them). {where} Also check the data, '
+        f'or raise train.max_bad_steps.')
 
 
 def _mixture_metrics(probs, names):

@@ -269,4 +269,5 @@ if __name__ == '__main__':
   # Defined here, not at import: build_data imports this module inside other programs.
   flags.DEFINE_string('out', None, 'Folder to write the demo skills and tokenizer into.',
                       required=True)
-  app.run(main)
+  from mos_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, 'data.demo', required=('out',))

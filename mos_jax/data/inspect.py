@@ -7,12 +7,9 @@ rendered example whose trained tokens (the loss mask) are shown between ⟦ and 
 spending accelerator hours; bad data fails here with the file and line.
 """
 
-import sys
-
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from mos_jax import cli
 from mos_jax.data import bundle as bundle_lib
 
 _COLUMNS = (('train_examples', 'train'), ('dev_examples', 'dev'), ('tokens', 'tokens'),
@@ -52,18 +49,15 @@ def report(bundle) -> str:
 def main(argv):
   del argv
   config = flags.FLAGS.config
+  from mos_jax import config_check  # pylint: disable=g-import-not-at-top
+  config_check.validate(config)
   config.data.num_workers = 0  # Nothing is iterated here: no worker processes.
-  try:
-    bundle = bundle_lib.build_data(config)
-  except (ValueError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  bundle = bundle_lib.build_data(config)
   print(report(bundle))
   bundle.close()
 
 
 if __name__ == '__main__':
   # Defined here, not at import, so importing `report` never clashes with a program's flags.
-  config_flags.DEFINE_config_file('config', None, 'Run config (ml_collections file).')
-  flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.define_config_flag()
+  cli.run(main, 'data.inspect')

@@ -43,29 +43,51 @@ class Records:
 
 
 def _nonblank_lines(path: str) -> list[int]:
-  with open(path, encoding='utf-8') as f:
+  with open(path, 'rb') as f:  # Bytes: a line with invalid UTF-8 still counts as a line.
     return [n for n, line in enumerate(f, 1) if line.strip()]
 
 
 def _scan_json_lines(path: str, on_error: str) -> tuple[list[dict], list[int], int]:
   """Parses JSON lines ourselves: finds the bad line, or skips bad lines when asked."""
   rows, lines, skipped = [], [], 0
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       try:
-        row = json.loads(line)
+        row = json.loads(_utf8(raw, path, n))
         if not isinstance(row, dict):
           raise ValueError(f'expected a JSON object, got {type(row).__name__}')
       except ValueError as e:
         if on_error == 'skip':
           skipped += 1
           continue
+        if isinstance(e, _NotUtf8):
+          raise
         raise ValueError(f'{path}:{n}: malformed JSON line ({e})') from None
       rows.append(row)
       lines.append(n)
   return rows, lines, skipped
+
+
+class _NotUtf8(ValueError):
+  """Bytes that are not UTF-8 text, with the file, line and column."""
+
+
+def _utf8(raw: bytes, path: str, line: int) -> str:
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise _NotUtf8(f'{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column '
+                   f'{e.start + 1}); re-encode the file as UTF-8, or set data.on_error=skip to '
+                   f'skip such lines') from None
+
+
+def _first_bad_utf8(path: str) -> None:
+  """Raises _NotUtf8 naming the first line of `path` that is not UTF-8 (a JSON array file)."""
+  with open(path, 'rb') as f:
+    for n, raw in enumerate(f, 1):
+      _utf8(raw, path, n)
 
 
 def _hf():
@@ -75,16 +97,19 @@ def _hf():
 
 
 def _read_json(path: str, on_error: str) -> tuple[list[dict], _Segment, int]:
-  with open(path, encoding='utf-8') as f:
+  with open(path, 'rb') as f:
     head = f.read(4096).lstrip()
   if not head:
     return [], _Segment(path, 0, 0, [], 'line'), 0
-  if head.startswith('['):  # One JSON array of records.
+  if head.startswith(b'['):  # One JSON array of records (one bad byte spoils the whole array).
     try:
       with open(path, encoding='utf-8') as f:
         rows = json.load(f)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})') from None
+    except UnicodeDecodeError:
+      _first_bad_utf8(path)
+      raise
     if not all(isinstance(r, dict) for r in rows):
       bad = next(k for k, r in enumerate(rows) if not isinstance(r, dict))
       raise ValueError(f'{path} record {bad}: expected a JSON object')
@@ -97,7 +122,8 @@ def _read_json(path: str, on_error: str) -> tuple[list[dict], _Segment, int]:
     rows = table.to_list()
     return rows, _Segment(path, 0, len(rows), None, 'line'), 0
   except Exception:  # pylint: disable=broad-except
-    # Arrow's reader reports neither the line nor lets us skip it: find it ourselves.
+    # Arrow's reader reports neither the line nor lets us skip it (nor checks UTF-8 the same
+    # way): find it ourselves.
     rows, lines, skipped = _scan_json_lines(path, on_error)
     return rows, _Segment(path, 0, len(rows), lines, 'line'), skipped
   finally:
@@ -167,7 +193,10 @@ def load_records(name: str, path: str, split: str = 'train', max_examples: int =
   rows, segments, skipped = [], [], 0
   for f in files:
     if f.endswith(('.json', '.jsonl')):
-      part, seg, bad = _read_json(f, on_error)
+      try:
+        part, seg, bad = _read_json(f, on_error)
+      except ValueError as e:
+        raise ValueError(f'dataset {name!r}: {e}') from None
     elif f.endswith(('.parquet', '.arrow')):
       part, bad = _read_table(f), 0
       seg = _Segment(f, 0, len(part), None, 'row')
