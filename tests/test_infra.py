@@ -258,7 +258,7 @@ def test_command_line_error_is_one_clear_line():
                        env={**os.environ, 'PYTHONPATH': REPO})
   assert run.returncode == 1
   assert run.stderr.strip() == (
-      "FATAL Flags parsing error: Unknown config key 'mixing.rewrd' "
+      "error: Unknown config key 'mixing.rewrd' "
       "(from --config.mixing.rewrd=cossim); did you mean 'mixing.reward'?")
 
 
