@@ -89,7 +89,10 @@ create=("${gcloud_tpu[@]}" create "$name" "${where[@]}" --accelerator-type="$acc
 
 # The same quoted command line runs on every worker; process 0 writes metrics and checkpoints.
 train=("$python" -m mos_jax.train --config "$config" --workdir "$workdir" ${extra[@]+"${extra[@]}"})
-remote_train="set -o pipefail; mkdir -p ~/mos_jax_logs && cd ~/$remote_dir && MOS_DISTRIBUTED=auto $(show "${train[@]}") 2>&1 | tee ~/mos_jax_logs/train-\$(hostname).log"
+# `trap '' HUP` + `tee -p`: a dropped ssh session neither kills the trainers nor breaks their
+# output; they stop only on SIGTERM (preemption notice, or remote_stop below), after saving.
+remote_train="set -o pipefail; trap '' HUP; mkdir -p ~/mos_jax_logs && cd ~/$remote_dir && MOS_DISTRIBUTED=auto $(show "${train[@]}") 2>&1 | tee -p ~/mos_jax_logs/train-\$(hostname).log"
+remote_stop="pkill -TERM -f -- '-m mos_jax.train' || true"
 remote_install="cd ~/$remote_dir && $python -m pip install -q -r requirements.txt && $python -m pip install -q -U \"jax[tpu]==$jax_version\""
 
 run() { if ((dry_run)); then show "$@"; else "$@"; fi; }
@@ -112,7 +115,18 @@ if ((install)); then
   run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_install"
 fi
 status=0
-run "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_train" || status=$?
+if ((dry_run)); then
+  show "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_train"
+  echo "# on Ctrl-C or SIGTERM, every worker's trainer gets SIGTERM (saves the same step, exits):"
+  show "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_stop"
+else
+  # ssh in its own session, so a Ctrl-C here reaches only this script, which forwards it.
+  setsid "${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_train" &
+  ssh_pid=$!
+  trap '"${gcloud_tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$remote_stop"' INT TERM
+  while kill -0 "$ssh_pid" 2>/dev/null; do wait "$ssh_pid" && status=0 || status=$?; done
+  trap - INT TERM
+fi
 run mkdir -p "$log_dir"
 run "${gcloud_tpu[@]}" scp --recurse "$name:~/mos_jax_logs" "$log_dir" "${where[@]}" --worker=all
 if ((delete)); then

@@ -72,18 +72,21 @@ def test_tpu_pod_dry_run():
                *OVERRIDES)
   gcloud = [l for l in lines if l[0] == 'gcloud']
   verbs = [l[4] for l in gcloud]
-  assert verbs == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh', 'scp']
+  assert verbs == ['describe', 'create', 'scp', 'ssh', 'ssh', 'ssh', 'ssh', 'scp']
   assert all(l[:4] == ['gcloud', 'compute', 'tpus', 'tpu-vm'] and '--zone=us-central2-b' in l
              for l in gcloud)
   create = gcloud[1]
   assert '--accelerator-type=v4-8' in create and '--version=tpu-ubuntu2204-base' in create
   assert all('--worker=all' in l for l in gcloud[2:])
-  upload, unpack, install, train, fetch = gcloud[2:]
+  upload, unpack, install, train, stop, fetch = gcloud[2:]
   assert upload[-4].endswith('.tgz') and upload[-3] == 'mos-v4:~/mos_jax.tgz'
   assert 'tar -xzf ~/mos_jax.tgz' in unpack[-1]
   assert f'jax[tpu]=={JAX_VERSION}' in install[-1] and 'requirements.txt' in install[-1]
   remote = shlex.split(train[-1].removeprefix('--command='))
   assert 'MOS_DISTRIBUTED=auto' in remote
+  # The trainers outlive a dropped ssh session; Ctrl-C/SIGTERM here reaches them as SIGTERM.
+  assert "trap '' HUP" in train[-1] and 'tee -p' in train[-1]
+  assert stop[-1] == "--command=pkill -TERM -f -- '-m mos_jax.train' || true"
   assert contains(remote, train_argv('python3', 'configs/paper.py:qwen-diff', '/mnt/gcs/qwen',
                                      *OVERRIDES))
   assert fetch[5] == '--recurse' and fetch[6] == 'mos-v4:~/mos_jax_logs'
@@ -120,6 +123,9 @@ def test_slurm_dry_run():
   assert argv[3:5] == ['bash', '-c']
   inner = shlex.split(argv[5])
   assert inner[:3] == ['cd', ROOT, '&&'] and 'source' in inner
+  assert inner[inner.index('python') - 1] == 'exec'  # Signals reach the trainer itself.
+  with open(os.path.join(ROOT, 'launch', 'gpu_slurm.sbatch')) as f:
+    assert '#SBATCH --signal=TERM@300' in f.read()  # SIGTERM before the time limit.
   assert contains(inner, train_argv('python', 'configs/paper.py:llama-diff', '/shared/runs/llama',
                                     *OVERRIDES))
 
