@@ -300,3 +300,41 @@ def test_lock_is_exclusive_and_described(tmp_path):
     with pytest.raises(workdir_lock.WorkdirInUse, match=f'pid {os.getpid()}'):
       workdir_lock.WorkdirLock(workdir).acquire()
   assert not os.path.exists(workdir)  # Created by the lock and left empty: removed again.
+
+
+_TWO_HOSTS = '''
+import json, sys, time
+from mos_jax import distributed, preemption
+distributed.initialize()
+import jax
+stop = preemption.StopSignals().install()
+open(sys.argv[1] + str(jax.process_index()), 'w').close()  # Ready.
+for step in range(1, 100000):
+  time.sleep(0.01)  # A training step.
+  if stop.at(step):
+    print(json.dumps({'step': step, 'signal': stop.name, 'code': stop.exit_code}), flush=True)
+    break
+'''
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_two_hosts_stop_at_the_same_step(tmp_path, sig):
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  ready = str(tmp_path / 'ready')
+  procs = [subprocess.Popen(
+      [sys.executable, '-c', _TWO_HOSTS, ready], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, env={**_ENV, 'MOS_COORDINATOR_ADDRESS': f'localhost:{port}',
+                      'MOS_NUM_PROCESSES': '2', 'MOS_PROCESS_ID': str(i)}) for i in range(2)]
+  deadline = time.time() + 120
+  while not all(os.path.exists(ready + str(i)) for i in range(2)):
+    assert time.time() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.1)
+  time.sleep(0.5)
+  procs[1].send_signal(sig)  # One host is told; both must save the same step.
+  results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+  assert results[0]['step'] == results[1]['step']
+  assert results[1]['code'] == (130 if sig == signal.SIGINT else 0)
+  assert results[0]['code'] == 0
