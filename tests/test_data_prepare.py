@@ -161,3 +161,83 @@ def test_command_prints_counts_next_to_table_1(prepared, tmp_path):
   row = [line for line in run.stdout.splitlines() if line.startswith('medicine')][-1]
   assert row.split()[1:4] == ['12', '5,200', '5']
   assert math.isclose(json.load(open(tmp_path / 'o' / 'manifest.json'))['fraction'], 0.1)
+
+
+# --- the recipes and the dataset entry options that read the prepared folder ---------------------
+
+def _tiny(config, tmp_path, **train):
+  """A paper recipe shrunk to the tiny preset and the demo tokenizer (chatml, like Qwen)."""
+  from mos_jax.data import demo
+  demo.ensure_demo(str(tmp_path / 'demo'))
+  config.model.hf_checkpoint = ''
+  config.model.preset = 'tiny'
+  config.model.dtype = 'float32'
+  config.model.remat = False
+  config.data.tokenizer = demo.tokenizer_dir(str(tmp_path / 'demo'))
+  config.data.max_len = 64
+  config.data.reward_batch_size = config.data.eval_batch_size = 4
+  config.train.update(batch_size=4, log_every=1, eval_every=0, eval_batches=1,
+                      checkpoint_every=0, progress_bar=False, async_checkpoints=False, **train)
+  return config
+
+
+def test_paper_recipe_on_prepared_folder_trains_two_steps(prepared, tmp_path):
+  from mos_jax import cli, trainer
+  _, out, manifest, _ = prepared
+  config = cli.load_config(os.path.join(REPO, 'configs', 'paper.py:qwen-diff'),
+                           [f'--config.data.root={out}', '--config.mixing.update_every=1'])
+  total = sum(m['train'] for m in manifest['datasets'].values())
+  config = _tiny(config, tmp_path, epochs=7 / total)  # ceil(7 / batch 4) = 2 steps.
+  run = trainer.build(config, str(tmp_path / 'run'))
+  try:
+    assert run.config.train.steps == 2
+    for name, m in manifest['datasets'].items():  # Train file whole, dev from dev.jsonl.
+      assert run.data.stats[name]['train_examples'] == m['train'], name
+      assert run.data.stats[name]['dev_examples'] == m['dev'], name
+    trainer.train(run)
+  finally:
+    run.data.close()
+  steps = [json.loads(line)['step'] for line in open(tmp_path / 'run' / 'metrics.jsonl')]
+  assert max(steps) == 2
+
+
+def _demo_jsonl(path, n, bad_line=None):
+  with open(path, 'w') as f:
+    for i in range(n):
+      rec = {'prompt': f'p{i}', 'response': f'r{i}'}
+      if i + 1 == bad_line:
+        del rec['response']
+      f.write(json.dumps(rec) + '\n')
+
+
+def test_random_max_examples_and_explicit_dev(tmp_path):
+  from mos_jax.config import dataset
+  from mos_jax.data import bundle as bundle_lib
+  from demo_run import demo_config
+  config = demo_config(tmp_path)
+  _demo_jsonl(tmp_path / 'a.jsonl', 100)
+  _demo_jsonl(tmp_path / 'a_dev.jsonl', 7)
+  config.data.root = str(tmp_path)
+  config.data.datasets = {
+      'first': dataset('a.jsonl', max_examples=10, dev_examples=3),
+      'rand': dataset('a.jsonl', max_examples=10, sample='random', dev_path='a_dev.jsonl'),
+      'rand2': dataset('a.jsonl', max_examples=10, sample='random', sample_seed=5,
+                       dev_path='a_dev.jsonl')}
+  data = bundle_lib.build_data(config, keep_records=True)
+  try:
+    prompts = lambda n: sorted(r['prompt'] for r in data.train_records(n))
+    assert data.stats['first']['train_examples'] == 7  # First 10, 3 held out.
+    assert set(prompts('first')) <= {f'p{i}' for i in range(10)}
+    assert data.stats['rand']['train_examples'] == 10  # Nothing held out of the train file...
+    assert [r['prompt'] for r in data.dev_records('rand')] == [f'p{i}' for i in range(7)]
+    assert prompts('rand') != sorted(f'p{i}' for i in range(10))  # ...a random 10, not the first,
+    assert prompts('rand') != prompts('rand2')  # and another seed draws another sample.
+  finally:
+    data.close()
+  # A bad record inside a random sample is still named by its line in the file.
+  _demo_jsonl(tmp_path / 'b.jsonl', 100, bad_line=57)
+  seed = next(s for s in range(50) if 56 in bundle_lib.random_sample('b', 100, 10, s))
+  config.data.datasets = {'b': dataset('b.jsonl', max_examples=10, sample='random',
+                                       sample_seed=seed, dev_path='a_dev.jsonl')}
+  with pytest.raises(ValueError, match=r"'b'.*b\.jsonl:57: missing field 'response'"):
+    bundle_lib.build_data(config)
