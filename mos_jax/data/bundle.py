@@ -50,13 +50,15 @@ class DataBundle:
         self._datasets[name].dev, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
         s['buckets'], s['process_index'], s['process_count'])
 
-  def full_pass_batches(self, name: str, batch_size: int):
+  def full_pass_batches(self, name: str, batch_size: int, examples=None):
     """Every train example once, in order, batch_size // process_count rows per host and batch;
-    host p holds examples p, p + P, ... (the shard its reward batches come from)."""
+    host p holds examples p, p + P, ... (the shard its reward batches come from). `examples`, an
+    ExampleSource aligned with the train split (e.g. a variant of each example), replaces it."""
     s = self._s
     rows = _host_rows(batch_size, s['process_count'], 'full_pass_batches(batch_size)')
+    source = self._datasets[name].train if examples is None else examples
     return pipeline.finite_batches(
-        self._datasets[name].train, self._index(name), rows, s['pad_id'], s['max_len'],
+        source, self._index(name), rows, s['pad_id'], s['max_len'],
         s['buckets'], s['process_index'], s['process_count'])
 
   def fingerprint(self, name: str) -> str:

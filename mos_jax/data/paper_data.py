@@ -193,11 +193,13 @@ def _conversations(name: str, rows: list[dict], fmt: str) -> tuple[list[dict], i
 
 
 def split_indices(name: str, n: int, fraction: float, dev: int, seed: int):
-  """Sorted train and dev indices of n records: a random int(fraction * n) for training and up
-  to `dev` of the rest for the dev set (never overlapping), seeded by (seed, name)."""
+  """Sorted train and dev indices of n records, seeded by (seed, name): a random int(fraction * n)
+  for training and `dev` others for the dev set. The dev set is the tail of the permutation, so it
+  is the same for every fraction (1.0 keeps all but the dev set, e.g. as the pool for select)."""
   perm = _rng(seed, name).permutation(n)
-  k = int(fraction * n)
-  return np.sort(perm[:k]), np.sort(perm[k:k + dev])
+  dev = min(dev, n - 1)
+  k = min(int(fraction * n), n - dev)
+  return np.sort(perm[:k]), np.sort(perm[n - dev:])
 
 
 def _write_jsonl(path: str, records) -> str:
