@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ from mos_jax.config import dataset
 from mos_jax.data import selection
 
 SIZES = {'alpha': 30, 'beta': 45}
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def _config(tmp_path):
@@ -126,3 +129,23 @@ def test_random_keeps_a_seeded_fraction(selected, tmp_path):
     assert len(kept[0]) == len(kept[1]) == int(0.2 * n) == runs[0]['datasets'][name]['train']
     assert kept[0] != kept[1]
   assert not os.path.exists(tmp_path / 'r0' / 'scores')  # No model pass for RANDOM.
+
+
+def test_scores_on_a_2x2_mesh_equal_one_device(selected, tmp_path):
+  """The same selection on 4 simulated devices (data 2 x fsdp 2) as on one."""
+  _, out, _ = selected
+  sharded = str(tmp_path / 'sharded')
+  script = '\n'.join([
+      'import pathlib, sys', f'sys.path.insert(0, {TESTS!r})',
+      'from test_data_select import _config', 'from mos_jax.data import selection',
+      f'config = _config(pathlib.Path({str(tmp_path)!r}))',
+      'config.mesh.data, config.mesh.fsdp = 2, 2',
+      f'selection.select(config, "ifd", 0.2, {sharded!r}, progress=False, log=print)'])
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+         'PYTHONPATH': os.path.dirname(TESTS)}
+  run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  for name in SIZES:
+    one, four = (_lines(f'{d}/{name}/scores.jsonl') for d in (out, sharded))
+    np.testing.assert_allclose([r['ifd'] for r in four], [r['ifd'] for r in one], rtol=1e-5)
+    assert _lines(f'{sharded}/{name}/train.jsonl') == _lines(f'{out}/{name}/train.jsonl')
