@@ -239,6 +239,11 @@ def prepare_paper(out: str, seed: int = 0, local_sources: dict[str, str] | None 
   if set(names) - set(PAPER):
     raise ValueError(f'unknown dataset(s) {sorted(set(names) - set(PAPER))}; the paper has '
                      f'{list(PAPER)}')
+  for name in names:  # Fail before any long read when a local copy is missing.
+    if name in local_sources and not os.path.exists(os.path.expanduser(local_sources[name])):
+      raise _missing(name, local_sources[name], 'no such file or folder')
+    if PAPER[name].per_task and name not in local_sources:
+      raise _missing(name, PAPER[name].hub, 'P3 is read from a local copy, one folder per subset')
   manifest = {'seed': seed, 'fraction': fraction, 'dev': dev, 'p3_per_task': per_task,
               'format': 'messages', 'datasets': {}}
   for name in names:
