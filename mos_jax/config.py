@@ -36,11 +36,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.reward_batch_size = 16  # Examples per dataset in each reward batch (COSSIM/DIFF).
   c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
   c.data.demo_dir = ''  # Where demo skills are generated when a recipe uses them ('' = none).
+  c.data.root = ''  # Folder that relative dataset paths/dev_paths are read from ('' = as given).
   # One entry per dataset: c.data.datasets.<name> = dataset(path=..., format=..., ...).
   c.data.datasets = ml_collections.ConfigDict()
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps.
+  c.train.epochs = 0.0  # > 0: steps = ceil(epochs * all training examples / batch_size) instead.
   c.train.batch_size = 64  # Global batch size (examples per optimizer step, all hosts).
   c.train.micro_batches = 1  # Gradient accumulation: the batch is split into this many parts.
   c.train.lr = 1e-5  # Peak AdamW learning rate.
@@ -84,14 +86,18 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def dataset(path: str, format: str = '', split: str = 'train', max_examples: int = 0,
-            dev_examples: int = 1000) -> ml_collections.ConfigDict:
+            dev_examples: int = 1000, dev_path: str = '', sample: str = 'first',
+            sample_seed: int = 0) -> ml_collections.ConfigDict:
   """One entry of `config.data.datasets`."""
   d = ml_collections.ConfigDict()
   d.path = path  # Local file/folder, save_to_disk folder, or hub id.
   d.format = format  # alpaca, sharegpt, messages, inputs_targets, prompt_response; '' = detect.
   d.split = split  # Split to read from a hub id or save_to_disk DatasetDict.
   d.max_examples = max_examples  # Cap on examples read (0 = all).
-  d.dev_examples = dev_examples  # Examples held out for dev evaluation (paper: 1K).
+  d.sample = sample  # Which max_examples: 'first' records or a seeded 'random' sample.
+  d.sample_seed = sample_seed  # Seed of sample='random' (mixed with the dataset name).
+  d.dev_examples = dev_examples  # Examples held out of `path` for dev evaluation (paper: 1K).
+  d.dev_path = dev_path  # Dev set file (same format); when set nothing is held out of `path`.
   return d
 
 

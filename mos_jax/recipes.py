@@ -26,6 +26,9 @@ MODELS = {
 # Table 1: training examples per dataset after the paper's random 10% sample.
 PAPER_SIZES = {'math': 26_200, 'medicine': 5_200, 'general': 9_300, 'nlp': 62_600}
 PAPER_EPOCHS = 3
+# Where `python -m mos_jax.data.prepare paper --out DIR` wrote the data (relative to the working
+# directory); change it with --config.data.root=DIR.
+PAPER_DATA_ROOT = 'data/paper'
 PAPER_BATCH = 64
 
 
@@ -35,28 +38,15 @@ def paper_steps(sizes=PAPER_SIZES, epochs: int = PAPER_EPOCHS, batch: int = PAPE
 
 
 def paper_datasets() -> ml_collections.ConfigDict:
-  """The four SFT datasets of §4.1, capped at their Table 1 sizes.
+  """The four SFT datasets of §4.1 as written by `python -m mos_jax.data.prepare paper`.
 
-  max_examples caps what is read; the paper sampled its 10% at random, so pre-shuffle a local copy
-  if the loader takes the first records. Each dataset also holds out dev_examples=1000 (paper: 1K
-  validation examples per dataset).
+  Paths are relative to `data.root` (PAPER_DATA_ROOT unless overridden): <name>/train.jsonl is the
+  seeded random 10% of the dataset (P3: of 1K random examples per subset), <name>/dev.jsonl the 1K
+  dev examples drawn outside it, so nothing is held out of the training file.
   """
   d = ml_collections.ConfigDict()
-  # MathInstruct (Yue et al. 2023): {instruction, output, source} records.
-  d.math = dataset('TIGER-Lab/MathInstruct', format='alpaca', max_examples=PAPER_SIZES['math'])
-  # MedInstruct-52k (Zhang et al. 2023a, AlpaCare), the hub id of the paper's footnote 2:
-  # instruction/input/output records (columns not checked offline).
-  d.medicine = dataset('casey-martin/MedInstruct', format='alpaca',
-                       max_examples=PAPER_SIZES['medicine'])
-  # ShareGPT (footnote 3: anon8231489123/ShareGPT_Vicuna_unfiltered). Its hub files have mixed
-  # schemas, so download ShareGPT_V3_unfiltered_cleaned_split.json and point at it.
-  d.general = dataset('/path/to/ShareGPT_V3_unfiltered_cleaned_split.json', format='sharegpt',
-                      max_examples=PAPER_SIZES['general'])
-  # P3 (bigscience/P3, Sanh et al. 2022): 660 subsets; the paper takes 1K random examples per
-  # subset, then 10% of those. Build that file yourself as JSON lines of {inputs, targets}
-  # (the *_pretokenized text fields of each subset).
-  d.nlp = dataset('/path/to/p3_1k_per_subset.jsonl', format='inputs_targets',
-                  max_examples=PAPER_SIZES['nlp'])
+  for name in PAPER_SIZES:  # math: MathInstruct, medicine: MedInstruct, general: ShareGPT, nlp: P3.
+    d[name] = dataset(f'{name}/train.jsonl', format='messages', dev_path=f'{name}/dev.jsonl')
   return d
 
 
@@ -73,8 +63,10 @@ def paper_config(model: str, reward: str = 'cossim', strategy: str = 'mos',
   # 64 examples per dataset for the scorer update (§4.1 "batch size of 64"); the released code
   # uses 16 for DIFF, e.g. --config.data.reward_batch_size=16 to match it.
   c.data.reward_batch_size = 64
+  c.data.root = PAPER_DATA_ROOT  # The prepared folder (python -m mos_jax.data.prepare paper).
   c.data.datasets = paper_datasets()  # MathInstruct, MedInstruct, ShareGPT, P3 (Table 1).
-  c.train.steps = paper_steps()  # 3 epochs over Table 1's 103.3K examples at batch 64.
+  c.train.epochs = PAPER_EPOCHS  # §4.1: 3 epochs; steps follow from the prepared sizes at start.
+  c.train.steps = paper_steps()  # Used only with epochs=0: 3 epochs of Table 1's 103.3K at 64.
   c.train.batch_size = PAPER_BATCH  # §4.1.
   c.train.lr = 1e-5  # §4.1 AdamW peak learning rate.
   c.train.warmup_fraction = 0.1  # §4.1: linear schedule, warm-up over 10% of the steps.

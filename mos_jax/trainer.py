@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Callable
@@ -232,6 +233,8 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   data = build_data(config, process_index=jax.process_index(),
                     process_count=jax.process_count())
+  if config.train.get('epochs', 0) > 0:  # Passes over the data: the sizes are known only now.
+    config.train.steps = math.ceil(config.train.epochs * sum(data.sizes) / config.train.batch_size)
   names = data.names
   num_datasets = len(names)
   _check_batch_sizes(config, num_datasets, mesh)

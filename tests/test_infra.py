@@ -230,12 +230,14 @@ def test_recipe_loads_with_the_schema(path):
 
 def test_paper_recipe_matches_section_4_1():
   config = cli.load_config(os.path.join(REPO, 'configs', 'paper.py:llama-diff'))
-  assert config.train.steps == 4843  # ceil(3 * 103,300 / 64)
+  assert config.train.epochs == 3 and config.train.steps == 4843  # ceil(3 * 103,300 / 64)
   assert (config.train.lr, config.train.batch_size, config.train.warmup_fraction) == (1e-5, 64, 0.1)
   assert (config.mixing.update_every, config.mixing.scorer_lr) == (100, 1e-4)
   assert config.mixing.reward == 'diff' and config.mixing.prior_temperature == float('inf')
   assert set(config.data.datasets) == set(recipes.PAPER_SIZES)
-  assert config.data.datasets.math.max_examples == 26_200
+  assert config.data.root == 'data/paper'  # python -m mos_jax.data.prepare paper --out data/paper
+  assert config.data.datasets.math.path == 'math/train.jsonl'
+  assert config.data.datasets.math.dev_path == 'math/dev.jsonl'
   with pytest.raises(ValueError, match='llama-cossim'):
     recipes.paper_config_from_arg('llama-cosine')
 

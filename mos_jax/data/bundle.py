@@ -23,6 +23,7 @@ class _Dataset:
   dev: pipeline.ExampleSource
   dev_records: list[dict]  # Raw records of the dev split, aligned with dev example ids.
   fingerprint: str
+  train_records: list[dict] | None = None  # Raw train records (build_data(keep_records=True)).
 
 
 class DataBundle:
@@ -49,13 +50,15 @@ class DataBundle:
         self._datasets[name].dev, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
         s['buckets'], s['process_index'], s['process_count'])
 
-  def full_pass_batches(self, name: str, batch_size: int):
+  def full_pass_batches(self, name: str, batch_size: int, examples=None):
     """Every train example once, in order, batch_size // process_count rows per host and batch;
-    host p holds examples p, p + P, ... (the shard its reward batches come from)."""
+    host p holds examples p, p + P, ... (the shard its reward batches come from). `examples`, an
+    ExampleSource aligned with the train split (e.g. a variant of each example), replaces it."""
     s = self._s
     rows = _host_rows(batch_size, s['process_count'], 'full_pass_batches(batch_size)')
+    source = self._datasets[name].train if examples is None else examples
     return pipeline.finite_batches(
-        self._datasets[name].train, self._index(name), rows, s['pad_id'], s['max_len'],
+        source, self._index(name), rows, s['pad_id'], s['max_len'],
         s['buckets'], s['process_index'], s['process_count'])
 
   def fingerprint(self, name: str) -> str:
@@ -72,6 +75,13 @@ class DataBundle:
     """The raw dev records (with e.g. an `answer` field), indexed by dev example id."""
     self._index(name)
     return self._datasets[name].dev_records
+
+  def train_records(self, name: str) -> list[dict]:
+    """The raw train records, indexed by train example id (needs build_data(keep_records=True))."""
+    self._index(name)
+    if self._datasets[name].train_records is None:
+      raise ValueError('train_records needs build_data(..., keep_records=True)')
+    return self._datasets[name].train_records
 
   def close(self) -> None:
     self.train.close()
@@ -134,6 +144,65 @@ def _render(name: str, template, convs, where):
   return out
 
 
+SAMPLES = ('first', 'random')
+
+
+class _Sample:
+  """A seeded random subset of a dataset's records that still names each record's file and line."""
+
+  def __init__(self, records: sources.Records, keep: np.ndarray):
+    self._records, self._keep = records, keep
+    self.rows = [records.rows[i] for i in keep]
+    self.skipped = records.skipped
+
+  def where(self, index: int) -> str:
+    return self._records.where(int(self._keep[index]))
+
+
+def random_sample(name: str, n: int, k: int, seed: int) -> np.ndarray:
+  """Sorted indices of a random k of n records, seeded by (seed, dataset name)."""
+  rng = np.random.default_rng(np.random.SeedSequence([abs(int(seed)), zlib.crc32(name.encode())]))
+  return np.sort(rng.choice(n, size=min(k, n), replace=False))
+
+
+def _resolve(root: str, path: str) -> str:
+  """`path` under data.root when it is relative and root is set (hub ids are never relative)."""
+  if root and path and not os.path.isabs(os.path.expanduser(path)):
+    return os.path.join(os.path.expanduser(root), path)
+  return path
+
+
+def _read_dataset(name: str, entry, d, key: str, fmt: str = ''):
+  """Reads entry[key] ('path' or 'dev_path') -> (records, conversations, record ids, format,
+  number of records that do not fit the format)."""
+  path = _resolve(d.get('root', ''), entry[key])
+  sample = entry.get('sample', 'first')
+  if sample not in SAMPLES:
+    raise ValueError(f'dataset {name!r}: sample must be one of {SAMPLES}, got {sample!r}')
+  cap = int(entry.get('max_examples', 0)) if key == 'path' else 0
+  records = sources.load_records(name, path, entry.get('split', 'train'),
+                                 cap if sample == 'first' else 0, d.on_error)
+  if cap and sample == 'random' and len(records.rows) > cap:
+    records = _Sample(records, random_sample(name, len(records.rows), cap,
+                                             entry.get('sample_seed', 0)))
+  if not records.rows:
+    raise ValueError(f'dataset {name!r} is empty ({path})')
+  fmt = fmt or entry.get('format', '')
+  if not fmt:
+    fields = set().union(*(r.keys() for r in records.rows[:100]))
+    fmt = formats.detect_format(fields)
+    if not fmt:
+      raise ValueError(f'dataset {name!r}: cannot tell the format from fields {sorted(fields)}; '
+                       f'set its format to one of {", ".join(formats.FORMATS)}')
+  if fmt not in formats.FORMATS:
+    raise ValueError(f'dataset {name!r}: unknown format {fmt!r}; '
+                     f'known: {", ".join(formats.FORMATS)}')
+  convs, record_ids, bad = _convert(name, records, fmt, d.on_error)
+  if not convs:
+    raise ValueError(f'dataset {name!r} is empty after skipping {bad} bad records ({path})')
+  return records, convs, record_ids, fmt, bad
+
+
 def _split_dev(name: str, n: int, dev: int):
   if dev < 0 or dev >= n:
     raise ValueError(f'dataset {name!r}: dev_examples={dev} leaves no training examples out of {n}')
@@ -155,8 +224,12 @@ def _mean(total: int, count: int) -> float:
   return round(total / count, 2) if count else 0.0
 
 
-def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBundle:
-  """Reads, tokenizes and wires up every dataset of `config.data` (see docs/interfaces.md)."""
+def build_data(config, process_index: int = 0, process_count: int = 1,
+               keep_records: bool = False) -> DataBundle:
+  """Reads, tokenizes and wires up every dataset of `config.data` (see docs/interfaces.md).
+
+  keep_records=True also keeps each train example's raw record (`DataBundle.train_records`).
+  """
   d = config.data
   names = list(d.datasets.keys())
   if not names:
@@ -181,41 +254,32 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
   datasets, stats = {}, {}
   for name in names:
     entry = d.datasets[name]
-    records = sources.load_records(name, entry.path, entry.get('split', 'train'),
-                                   entry.get('max_examples', 0), d.on_error)
-    if not records.rows:
-      raise ValueError(f'dataset {name!r} is empty ({entry.path})')
-    fmt = entry.get('format', '')
-    if not fmt:
-      fields = set().union(*(r.keys() for r in records.rows[:100]))
-      fmt = formats.detect_format(fields)
-      if not fmt:
-        raise ValueError(f'dataset {name!r}: cannot tell the format from fields {sorted(fields)}; '
-                         f'set its format to one of {", ".join(formats.FORMATS)}')
-    if fmt not in formats.FORMATS:
-      raise ValueError(f'dataset {name!r}: unknown format {fmt!r}; '
-                       f'known: {", ".join(formats.FORMATS)}')
-    convs, record_ids, bad = _convert(name, records, fmt, d.on_error)
-    if not convs:
-      raise ValueError(f'dataset {name!r} is empty after skipping {bad} bad records')
+    records, convs, record_ids, fmt, bad = _read_dataset(name, entry, d, 'path')
     try:
       template = templates.make_template(tokenizer, d.template)
       if isinstance(template, templates.HFTemplate):
         template.check_against(convs[0])
     except templates.TemplateError as e:
       raise ValueError(f'dataset {name!r}: {e}') from None
-    train_idx, dev_idx = _split_dev(name, len(convs), int(entry.get('dev_examples', 0)))
-    where = lambda k: records.where(record_ids[k])  # pylint: disable=cell-var-from-loop
-    rendered = _render(name, template, convs, where)
-    split_tables, counts = {}, tokenize_lib.Counts()
-    dev_kept = None
-    for split, idx in (('train', train_idx), ('dev', dev_idx)):
-      table, kept, c = tokenize_lib.tokenize([rendered[i] for i in idx], tokenizer, d.max_len,
-                                             d.truncation, d.train_on_prompt)
+    if entry.get('dev_path', ''):  # An explicit dev file: nothing is held out of the train file.
+      dev = _read_dataset(name, entry, d, 'dev_path', fmt)
+      skipped = records.skipped + bad + dev[0].skipped + dev[4]
+      parts = {'train': (records, convs, record_ids), 'dev': dev[:3]}
+    else:
+      train_idx, dev_idx = _split_dev(name, len(convs), int(entry.get('dev_examples', 0)))
+      skipped = records.skipped + bad
+      parts = {split: (records, [convs[i] for i in idx], [record_ids[i] for i in idx])
+               for split, idx in (('train', train_idx), ('dev', dev_idx))}
+    split_tables, split_records, counts = {}, {}, tokenize_lib.Counts()
+    for split, (recs, split_convs, ids) in parts.items():
+      where = lambda k: recs.where(ids[k])  # pylint: disable=cell-var-from-loop
+      rendered = _render(name, template, split_convs, where)
+      table, kept, c = tokenize_lib.tokenize(rendered, tokenizer, d.max_len, d.truncation,
+                                             d.train_on_prompt)
       split_tables[split] = table
       counts.add(c)
-      if split == 'dev':
-        dev_kept = idx[kept]
+      if split == 'dev' or keep_records:
+        split_records[split] = [recs.rows[ids[k]] for k in kept]
     left = len(split_tables['train'])
     if left < max(process_count, 1):
       raise ValueError(
@@ -227,15 +291,19 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
                 'dev_examples': entry.get('dev_examples', 0), 'max_len': d.max_len,
                 'truncation': d.truncation, 'train_on_prompt': d.train_on_prompt,
                 'template': d.template or tokenizer.chat_template}
+    if entry.get('sample', 'first') != 'first' or entry.get('dev_path', ''):
+      settings.update(sample=entry.get('sample', 'first'), sample_seed=entry.get('sample_seed', 0),
+                      dev_path=entry.get('dev_path', ''))
     datasets[name] = _Dataset(
         train=pipeline.ExampleSource(split_tables['train']),
         dev=pipeline.ExampleSource(split_tables['dev']),
-        dev_records=[records.rows[record_ids[i]] for i in dev_kept],
-        fingerprint=_fingerprint(split_tables['train'], settings))
+        dev_records=split_records['dev'],
+        fingerprint=_fingerprint(split_tables['train'], settings),
+        train_records=split_records.get('train'))
     stats[name] = {
         'format': fmt,
         'records': len(records.rows),
-        'skipped_records': records.skipped + bad,
+        'skipped_records': skipped,
         'train_examples': len(split_tables['train']),
         'dev_examples': len(split_tables['dev']),
         'tokens': counts.prompt_tokens + counts.response_tokens,

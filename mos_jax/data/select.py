@@ -1,0 +1,39 @@
+"""Instance selection (paper §5, Table 4): the top fraction of each dataset by IFD, or at random.
+
+    python -m mos_jax.data.select --config configs/paper.py:qwen-diff \
+        --config.data.root=data/paper_full --method ifd --keep 0.1 --out data/paper_ifd
+
+Scores every training example of the config's datasets with the config's model (IFD =
+PPL(answer | instruction) / PPL(answer), two batched forwards on the config's mesh), keeps the
+top `keep` of each dataset and writes OUT/<name>/train.jsonl, dev.jsonl (the config's dev set),
+scores.jsonl and OUT/manifest.json: the layout of `mos_jax.data.prepare`, so a recipe trains on
+it with --config.data.root=OUT. `--method random` keeps a seeded random fraction (Table 4's
+RANDOM rows). Running it again on the same OUT resumes the scoring.
+"""
+
+from absl import app
+from absl import flags
+
+from mos_jax import cli
+
+_CONFIG = cli.define_config_flag()
+_METHOD = flags.DEFINE_enum('method', 'ifd', ['ifd', 'random'], 'Selection method.')
+_KEEP = flags.DEFINE_float('keep', 0.1, 'Fraction of each dataset kept.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder (also holds the resumable score cache).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of --method random.')
+_BATCH = flags.DEFINE_integer('batch_size', 0, 'Examples per scoring batch (0 = '
+                              'data.eval_batch_size).')
+
+
+def main(argv):
+  del argv
+  from mos_jax.data import selection  # Imported after flag parsing: it pulls in jax.
+  config = _CONFIG.value
+  config.data.num_workers = 0  # Only finite in-order passes: no worker processes.
+  selection.select(config, _METHOD.value, _KEEP.value, _OUT.value, seed=_SEED.value,
+                   batch_size=_BATCH.value, progress=config.train.progress_bar)
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('out')
+  app.run(main, flags_parser=cli.parse_flags)
