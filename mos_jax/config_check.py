@@ -69,6 +69,9 @@ def _problems(config) -> list[str]:
     need(bool(entry.path), f'data.datasets.{name}.path', 'is empty')
     number(f'data.datasets.{name}.max_examples', 0, integer=True)
     number(f'data.datasets.{name}.dev_examples', 0, integer=True)
+    if 'sample' in entry:
+      need(entry.sample in ('first', 'random'), f'data.datasets.{name}.sample',
+           "must be 'first' or 'random'")
 
   for key in ('steps', 'batch_size', 'micro_batches', 'max_bad_steps', 'log_every',
               'keep_checkpoints'):
@@ -79,6 +82,7 @@ def _problems(config) -> list[str]:
       t.batch_size, int) and t.batch_size % t.micro_batches:
     out.append(f'train.batch_size={t.batch_size} is not divisible by '
                f'train.micro_batches={t.micro_batches}')
+  number('train.epochs', 0)
   number('train.lr', 0, low_open=True)
   if isinstance(t.lr, (int, float)) and math.isinf(t.lr):
     out.append(f'train.lr={t.lr!r} must be finite')

@@ -8,9 +8,9 @@ subset), OUT/<name>/dev.jsonl (1K examples outside the training sample) and OUT/
 and prints the counts next to Table 1's. The same arguments reproduce the files byte for byte.
 """
 
-from absl import app
 from absl import flags
 
+from mos_jax import cli
 from mos_jax.data import paper_data
 
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
@@ -36,7 +36,7 @@ def _sources(specs) -> dict[str, str]:
 
 def main(argv):
   if argv[1:] != ['paper']:
-    raise app.UsageError('usage: python -m mos_jax.data.prepare paper --out DIR [--seed S] '
+    raise ValueError('usage: python -m mos_jax.data.prepare paper --out DIR [--seed S] '
                          '[--source name=PATH ...]')
   manifest = paper_data.prepare_paper(
       _OUT.value, seed=_SEED.value, local_sources=_sources(_SOURCE.value),
@@ -45,5 +45,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('out')
-  app.run(main)
+  cli.run(main, 'data.prepare', required=('out',))

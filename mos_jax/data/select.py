@@ -11,7 +11,6 @@ it with --config.data.root=OUT. `--method random` keeps a seeded random fraction
 RANDOM rows). Running it again on the same OUT resumes the scoring.
 """
 
-from absl import app
 from absl import flags
 
 from mos_jax import cli
@@ -35,5 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('out')
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, 'data.select', required=('config', 'out'))
