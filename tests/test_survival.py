@@ -27,20 +27,17 @@ def _lines(workdir):
 
 
 def _signal_in_step(run, step, signals):
-  """Makes the loader send `signals` to this process while it fetches the batch of `step`."""
-  loader = type(run.data.train)
-  real_next = loader.__next__
-  calls = {'n': run.start_step}
+  """Sends `signals` to this process while the loop runs training step `step`."""
+  train_fn, calls = run.train_fn, {'n': run.start_step}
 
-  def next_with_signal(self):
+  def train_with_signal(state, batch):
     calls['n'] += 1
     if calls['n'] == step:
       for sig in signals:
         os.kill(os.getpid(), sig)
-    return real_next(self)
+    return train_fn(state, batch)
 
-  loader.__next__ = next_with_signal
-  return lambda: setattr(loader, '__next__', real_next)
+  run.train_fn = train_with_signal
 
 
 def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -54,11 +51,8 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(t
 
   workdir = str(tmp_path / 'stopped')
   run = trainer.build(copy.deepcopy(config), workdir)
-  undo = _signal_in_step(run, 6, [signal.SIGINT])  # Mid-window: steps 5 and 6 are unlogged.
-  try:
-    assert trainer.train(run) == {}
-  finally:
-    undo()
+  _signal_in_step(run, 6, [signal.SIGINT])  # Mid-window: steps 5 and 6 are unlogged.
+  assert trainer.train(run) == {}
   assert run.stopped_by == 'Ctrl-C (SIGINT)' and run.exit_code == 130
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['6']
   assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # Released.
@@ -73,12 +67,9 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(t
   # A second Ctrl-C aborts at once, without saving.
   again = str(tmp_path / 'aborted')
   run = trainer.build(copy.deepcopy(config), again)
-  undo = _signal_in_step(run, 3, [signal.SIGINT, signal.SIGINT])
-  try:
-    with pytest.raises(KeyboardInterrupt):
-      trainer.train(run)
-  finally:
-    undo()
+  _signal_in_step(run, 3, [signal.SIGINT, signal.SIGINT])
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train(run)
   assert not os.listdir(os.path.join(again, 'checkpoints'))
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Handlers put back.
 
@@ -178,22 +169,18 @@ def test_nan_streak_writes_no_checkpoint_and_lower_lr_resumes(tmp_path):
   workdir = str(tmp_path / 'nan')
   run = trainer.build(copy.deepcopy(config), workdir)
   # From step 3 on, a NaN weight makes every loss non-finite: a streak that skips every update.
-  loader = type(run.data.train)
-  real_next = loader.__next__
+  train_fn = run.train_fn
 
-  def poison_at_step_3(self):
-    if int(run.state.step) == 2:
-      first = jax.tree_util.tree_leaves_with_path(run.state.params)[0][0]
-      run.state = run.state.replace(params=jax.tree_util.tree_map_with_path(
-          lambda p, x: x * np.nan if p == first else x, run.state.params))
-    return real_next(self)
+  def poisoned_from_step_3(state, batch):
+    if int(state.step) == 2:
+      first = jax.tree_util.tree_leaves_with_path(state.params)[0][0]
+      state = state.replace(params=jax.tree_util.tree_map_with_path(
+          lambda p, x: x * np.nan if p == first else x, state.params))
+    return train_fn(state, batch)
 
-  loader.__next__ = poison_at_step_3
-  try:
-    with pytest.raises(trainer.TrainingError, match=r'last good checkpoint is step 2\b'):
-      trainer.train(run)
-  finally:
-    loader.__next__ = real_next
+  run.train_fn = poisoned_from_step_3
+  with pytest.raises(trainer.TrainingError, match=r'last good checkpoint is step 2\b'):
+    trainer.train(run)
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']  # None during the streak.
 
   config.train.lr, config.train.steps = 1e-4, 6
