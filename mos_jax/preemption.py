@@ -41,7 +41,9 @@ class StopSignals:
   def install(self) -> 'StopSignals':
     if threading.current_thread() is not threading.main_thread():
       return self  # Signals reach the main thread only; a run in a thread is stopped otherwise.
-    self._multi = jax.process_count() > 1
+    # Several processes agree on the stop step through jax's preemption service (on by default).
+    self._multi = jax.process_count() > 1 and bool(
+        getattr(jax.config, 'jax_enable_preemption_service', True))
     wanted = [signal.SIGINT] if self._multi else [signal.SIGINT, signal.SIGTERM]
     for sig in wanted:  # Multi-process SIGTERM stays with jax's preemption notifier.
       self._previous[sig] = signal.signal(sig, self._handle)
