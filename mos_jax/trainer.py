@@ -150,8 +150,8 @@ def _checked_workdir(workdir: str) -> str:
   return os.path.abspath(workdir)  # Orbax wants absolute paths.
 
 
-def restore_model(config, workdir: str):
-  """The backbone of `workdir`'s latest checkpoint: (model, step, tokenizer folder).
+def restore_model(config, workdir: str, step: int | None = None):
+  """The backbone of `workdir`'s latest checkpoint (or of `step`): (model, step, tokenizer folder).
 
   Reads only the train state (not the loader, not the data) and writes nothing, so it works on a
   finished, running or crashed run, with any number of processes.
@@ -165,9 +165,13 @@ def restore_model(config, workdir: str):
   checkpointer = checkpoint_lib.Checkpointer(directory, keep=config.train.keep_checkpoints,
                                              async_save=False)
   try:
-    step = checkpointer.latest_step()
     if step is None:
-      raise FileNotFoundError(f'{directory}: no checkpoint (train first).')
+      step = checkpointer.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'{directory}: no checkpoint (train first).')
+    elif step not in checkpointer.all_steps():
+      raise FileNotFoundError(f'{directory}: no checkpoint of step {step}; saved steps: '
+                              f'{checkpointer.all_steps()}.')
     tokenizer_dir = data_lib.tokenizer_path(config)
     vocab_size = len(data_lib.load_tokenizer(tokenizer_dir))
     # Only the scorer's shape depends on the dataset sizes; the restored values replace it.
