@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_batches = 4  # Dev batches per dataset per evaluation (0 = the whole dev split).
   c.train.eval_tasks = ()  # Also run these at every evaluation: 'skills', cheap lm-eval tasks.
   c.train.eval_task_limit = 32  # Examples per eval task during training (0 = all).
+  c.train.eval_task_path = ''  # Folder of extra lm-eval task YAMLs for eval_tasks ('' = none).
   c.train.checkpoint_every = 500  # Steps between checkpoints (0 = only at the end).
   c.train.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.train.async_checkpoints = True  # Write checkpoints in the background.

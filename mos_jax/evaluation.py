@@ -286,3 +286,76 @@ def format_table(record: dict) -> str:
   for task, error in record.get('errors', {}).items():
     lines.append(f'  {task}: FAILED: {error}')
   return '\n'.join(lines)
+
+
+# --- During training (config.train.eval_tasks) --------------------------------------------------
+
+class TrainingTasks:
+  """Runs `train.eval_tasks` on the live train state at every dev evaluation.
+
+  Built once per run (the jitted generation and scoring functions are reused; only the
+  parameters change). Returns 'eval/<task>/<metric>' scalars for metrics.jsonl and TensorBoard.
+  """
+
+  def __init__(self, run):
+    from mos_jax import inference  # pylint: disable=g-import-not-at-top
+    from mos_jax.data import bundle, templates  # pylint: disable=g-import-not-at-top
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    config = run.config
+    self.tasks = [str(t) for t in config.train.eval_tasks]
+    bad = [t for t in self.tasks if t.startswith('mtbench:')]
+    if bad:
+      raise ValueError(f'train.eval_tasks: {bad} cannot run during training (it needs long '
+                       'generations and a judge); use python -m mos_jax.evaluate.')
+    self.limit = int(config.train.get('eval_task_limit', 0))
+    self.field = config.data.get('answer_field', 'answer')
+    self.batch_size = int(config.data.eval_batch_size)
+    self.run = run
+    self._task_manager = None
+    try:
+      template = templates.make_template(run.data.tokenizer, config.data.template)
+    except templates.TemplateError:
+      template = None
+    model = nnx.merge(run.graphdef, run.state.params)
+    self.loaded = inference.Loaded(model=model, step=None, tokenizer=run.data.tokenizer,
+                                   tokenizer_dir=bundle.tokenizer_path(config), mesh=run.mesh,
+                                   template=template)
+    self.items = plan([t for t in self.tasks], None, self._known)
+    self.gen = inference.generator(self.loaded) if 'skills' in self.items else None
+    self.lm = None
+
+  def _known(self):
+    from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
+    if self._task_manager is None:
+      self._task_manager = TaskManager(
+          include_path=self.run.config.train.get('eval_task_path') or None)
+    return self._task_manager.all_tasks
+
+  def __call__(self) -> dict[str, float]:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from mos_jax import skills  # pylint: disable=g-import-not-at-top
+    state = nnx.state(nnx.merge(self.run.graphdef, self.run.state.params))
+    out = {}
+    for item in self.items:
+      if item == 'skills':
+        self.gen.params = state
+        hits = total = 0
+        for name in self.run.data.names:
+          em = skills.exact_match(self.gen, self.run.data, name, self.field, self.limit,
+                                  self.batch_size)
+          if em is not None:
+            out[f'eval/skills/{name}/exact_match'] = em[0]
+            hits, total = hits + em[0] * em[1], total + em[1]
+        if total:
+          out['eval/skills/exact_match'] = hits / total
+      else:
+        if self.lm is None:
+          from mos_jax import lm_eval_model  # pylint: disable=g-import-not-at-top
+          self.lm = lm_eval_model.MosJaxLM(loaded=self.loaded, batch_size=self.batch_size)
+        self.lm.set_params(state)
+        got = run_lm_eval(self.lm, item, self.limit, self._task_manager)
+        for task, metrics in got.get('results', {}).items():
+          for key, value in metrics.items():
+            if isinstance(value, (int, float)) and 'stderr' not in key:
+              out[f'eval/{task}/{key.removesuffix(",none")}'] = float(value)
+    return out

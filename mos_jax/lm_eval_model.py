@@ -79,6 +79,11 @@ class MosJaxLM(TemplateLM):
     self._score = jax.jit(functools.partial(score_step, graphdef=graphdef))
     self._seed = 0
 
+  def set_params(self, params) -> None:
+    """New parameters of the same model (evaluation during training)."""
+    self._params = params
+    self.generator.params = params
+
   # --- What lm-eval asks of a model ---------------------------------------------------------
 
   @property

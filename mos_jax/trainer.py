@@ -61,6 +61,7 @@ class Run:
   checkpointer: Any
   writer: Any
   start_step: int
+  eval_tasks: Any = None  # mos_jax.evaluation.TrainingTasks, made at the first evaluation.
 
 
 def _build_model(config, mesh, vocab_size: int):
@@ -269,6 +270,11 @@ def evaluate(run: Run) -> dict[str, float]:
     nll_sum, tokens = np.sum(jax.device_get(sums), axis=0) if sums else (0.0, 0.0)
     if tokens > 0:
       out[f'eval/{name}/loss'] = float(nll_sum / tokens)
+  if run.config.train.get('eval_tasks'):  # Skills exact match, lm-eval tasks (evaluation.py).
+    if run.eval_tasks is None:
+      from mos_jax import evaluation  # pylint: disable=g-import-not-at-top
+      run.eval_tasks = evaluation.TrainingTasks(run)
+    out.update(run.eval_tasks())
   return out
 
 

@@ -308,3 +308,26 @@ def test_exported_run_generates_the_same_tokens_in_transformers(run, tmp_path):
                            min_new_tokens=12, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
     assert got == ref[0, len(prompt_ids):].tolist()
+
+
+def test_eval_tasks_during_training(tmp_path):
+  tasks = tmp_path / 'tasks'
+  tasks.mkdir()
+  data = tmp_path / 'mc.jsonl'
+  data.write_text(''.join(json.dumps({'q': f'{a}+{b}=', 'choices': [str(a + b), str(a * b + 1)],
+                                      'label': 0}) + '\n' for a, b in [(1, 2), (3, 4)]))
+  (tasks / 'mc.yaml').write_text(
+      f'task: tiny_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n'
+      'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\n'
+      'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n')
+  from mos_jax import trainer
+  config = demo_config(tmp_path, train__steps=2, train__eval_every=2, train__eval_batches=1,
+                       train__log_every=2, mixing__strategy='static',
+                       train__eval_tasks=('skills', 'tiny_sums'), train__eval_task_limit=2,
+                       train__eval_task_path=str(tasks))
+  trainer.train(trainer.build(config, str(tmp_path / 'run')))
+  lines = metrics_lib.read_metrics(str(tmp_path / 'run' / 'metrics.jsonl'))
+  for line in (lines[0], lines[-1]):  # Step 0 and the last step.
+    assert 0.0 <= line['eval/skills/exact_match'] <= 1.0
+    assert 0.0 <= line['eval/skills/math/exact_match'] <= 1.0
+    assert line['eval/tiny_sums/acc'] in (0.0, 0.5, 1.0)
