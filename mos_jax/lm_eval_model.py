@@ -60,6 +60,8 @@ class MosJaxLM(TemplateLM):
       if not config:
         raise ValueError('mos_jax model_args need config=<recipe.py> (and workdir=<run folder>).')
       from mos_jax import cli  # pylint: disable=g-import-not-at-top
+      for key in ('device', 'max_batch_size'):  # lm-eval passes these to every model; the mesh
+        overrides.pop(key, None)                # places the work and batch_size is fixed.
       flags = [f'--{k}={v}' for k, v in overrides.items() if k.startswith('config.')]
       unknown = [k for k in overrides if not k.startswith('config.')]
       if unknown:

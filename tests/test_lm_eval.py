@@ -152,7 +152,7 @@ def test_model_args_from_the_command_line_form(setup):
                         'demo.py')
   lm = lm_eval.api.registry.get_model('mos_jax').create_from_arg_string(
       f'config={recipe},config.model.hf_checkpoint={folder},config.data.tokenizer={folder},'
-      f'config.mesh.fsdp=1,batch_size=2')
+      f'config.mesh.fsdp=1', {'batch_size': 2, 'max_batch_size': None, 'device': 'cpu'})
   assert lm.batch_size == 2 and lm.loaded.model.config.vocab_size > 0
   with pytest.raises(ValueError, match='unknown mos_jax model_args'):
     lm_eval.api.registry.get_model('mos_jax').create_from_arg_string(
