@@ -263,6 +263,9 @@ def _read(path: str) -> dict:
 
 
 def _write(path: str, record: dict) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:  # Every process computed the same record; one writes it.
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:

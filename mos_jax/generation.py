@@ -141,10 +141,12 @@ class Generator:
           pad_id=self.pad_id), donate_argnums=(1,))
     return self._prefill[key], self._decode[sampling]
 
-  def _put(self, x):
+  def put_batch(self, x):
+    """Every process holds the whole batch; each device takes its rows (works multi-host)."""
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.device_put(x, sharding_lib.batch_sharding(self.mesh, x.ndim))
+    return jax.make_array_from_callback(x.shape, sharding_lib.batch_sharding(self.mesh, x.ndim),
+                                        lambda index: x[index])
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    sampling: Sampling = Sampling(), seed: int = 0,
@@ -170,24 +172,25 @@ class Generator:
     prefill_fn, decode_fn = self._jitted(length + max_new_tokens, max_new_tokens, sampling)
     ctx = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
     with ctx:
-      state = prefill_fn(self.params, self._put(tokens), self._put(mask), jax.random.key(seed))
+      state = prefill_fn(self.params, self.put_batch(tokens), self.put_batch(mask),
+                         jax.random.key(seed))
       chunk = stop_check_every if stop else max_new_tokens
       stopped = np.zeros(rows, bool)
       while True:
         state = decode_fn(self.params, state, jnp.asarray(chunk, jnp.int32))
-        count = int(state.count)
-        done = np.asarray(jax.device_get(state.done))
+        count = int(host_value(state.count))
+        done = host_value(state.done)
         if stop:
-          out = np.asarray(jax.device_get(state.tokens))[:, :count]
+          out = host_value(state.tokens)[:, :count]
           for i in range(n):
             if not done[i] and any(s in self._decode_text(out[i]) for s in stop):
               stopped[i] = True
           if stopped.any():
             done = done | stopped
-            state = state._replace(done=self._put(done))
+            state = state._replace(done=self.put_batch(done))
         if count >= max_new_tokens or done.all():
           break
-      out = np.asarray(jax.device_get(state.tokens))[:n, :count]
+      out = host_value(state.tokens)[:n, :count]
     result = []
     stops = set(self.stop_ids)
     for row in out:
@@ -225,6 +228,14 @@ class Generator:
     """The next assistant turn of each conversation, rendered with the run's chat template."""
     return self.generate([self.chat_prompt(c) for c in conversations], max_new_tokens, sampling,
                          seed, stop, batch_size)
+
+
+def host_value(x) -> np.ndarray:
+  """A (possibly sharded, multi-host) array as a numpy array on every process."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

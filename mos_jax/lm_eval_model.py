@@ -29,7 +29,6 @@ from lm_eval.models import utils as model_utils
 
 from mos_jax import generation
 from mos_jax import inference
-from mos_jax import sharding as sharding_lib
 from mos_jax.data import templates as templates_lib
 
 PAD_MULTIPLE = 64  # Scored sequences are padded to a multiple of this (fewer compiled shapes).
@@ -169,10 +168,10 @@ class MosJaxLM(TemplateLM):
       arrays['cont_mask'][i, width - n_cont:] = 1
     mesh = self.loaded.mesh
     with jax.set_mesh(mesh):
-      put = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh)) for k, v in arrays.items()}
+      put = {k: self.generator.put_batch(v) for k, v in arrays.items()}
       logp, greedy = self._score(self._params, put['inputs'], put['targets'], put['cont_mask'],
                                  put['attention_mask'])
-    logp, greedy = jax.device_get((logp, greedy))
+    logp, greedy = generation.host_value(logp), generation.host_value(greedy)
     return [(float(logp[i]), bool(greedy[i])) for i in range(len(seqs))]
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):

@@ -192,6 +192,9 @@ def scores(questions, judgments) -> dict[str, float]:
 
 
 def _write_jsonl(path: str, records) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:  # Every process generated the same answers; one writes them.
+    return
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
     f.writelines(json.dumps(r, ensure_ascii=False) + '\n' for r in records)

@@ -137,3 +137,39 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path):
                                min_new_tokens=16, do_sample=False, pad_token_id=0,
                                eos_token_id=None)
   assert got == ref[:, width:].tolist()
+
+
+_SHARDED = r'''
+import jax, json, sys
+import numpy as np
+assert jax.device_count() == 4
+from mos_jax import generation, models, sharding
+from mos_jax.models import ModelConfig
+import types
+config = ModelConfig(family='qwen2', vocab_size=97, hidden_size=32, intermediate_size=48,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
+prompts = json.loads(sys.argv[1])
+single = generation.Generator(models.init_model(config, 5), tok, stop_ids=[])
+out = {'single': single.generate_ids(prompts, 10)}
+for shape in ((1, 4, 1), (2, 1, 2)):
+  mesh = sharding.make_mesh(dict(zip(('data', 'fsdp', 'tensor'), shape)))
+  model = models.init_model(config, 5, mesh=mesh)
+  out[str(shape)] = generation.Generator(model, tok, mesh=mesh, stop_ids=[]).generate_ids(prompts, 10)
+print(json.dumps(out))
+'''
+
+
+def test_generation_on_a_mesh_equals_one_device():
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': repo}
+  done = subprocess.run([sys.executable, '-c', _SHARDED, json.dumps(PROMPTS)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  assert out['(1, 4, 1)'] == out['single'] and out['(2, 1, 2)'] == out['single']
