@@ -223,8 +223,9 @@ def evaluate(config, workdir: str | None, tasks, num_fewshot=None, limit: int = 
                                                                       batch_size).items()})
     else:
       from mos_jax import mtbench  # pylint: disable=g-import-not-at-top
-      answers_dir = os.path.join(os.path.dirname(path) if path else '.',
-                                 f'mt_bench_{loaded.step}')
+      tag = loaded.step if loaded.step is not None else 'base'
+      answers_dir = os.path.join(os.path.dirname(os.path.abspath(path)) if path else '.',
+                                 f'mt_bench_{tag}')
       try:
         record['summary'].update(mtbench.run(loaded, item[1], answers_dir, judge, limit,
                                              batch_size, judge.max_new_tokens))

@@ -135,6 +135,9 @@ class MosJaxLM(TemplateLM):
                        'set data.template or run without --apply_chat_template.')
     if add_generation_prompt:
       return templates_lib.generation_prompt(self.loaded.template, chat_history)
+    if chat_history and chat_history[-1]['role'] == 'assistant':  # Continue the final message.
+      return (templates_lib.generation_prompt(self.loaded.template, chat_history[:-1])
+              + chat_history[-1]['content'])
     return self.loaded.template.render(chat_history)[0]
 
   # --- Scoring ------------------------------------------------------------------------------

@@ -157,3 +157,18 @@ def test_model_args_from_the_command_line_form(setup):
   with pytest.raises(ValueError, match='unknown mos_jax model_args'):
     lm_eval.api.registry.get_model('mos_jax').create_from_arg_string(
         f'config={recipe},config.model.hf_checkpoint={folder},batchsize=2')
+
+
+def test_chat_template_matches_the_tokenizer(setup):
+  folder, _ = setup
+  config = config_lib.base_config()
+  config.model.hf_checkpoint = str(folder)
+  config.mesh.fsdp = 1
+  lm = lm_eval_model.MosJaxLM(loaded=inference.load(config))
+  chat = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'red or blue?'}]
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  assert lm.apply_chat_template(chat) == tok.apply_chat_template(
+      chat, tokenize=False, add_generation_prompt=True)
+  partial = chat + [{'role': 'assistant', 'content': 'The answer is'}]
+  assert lm.apply_chat_template(partial, add_generation_prompt=False) == tok.apply_chat_template(
+      partial, tokenize=False, continue_final_message=True)
