@@ -331,3 +331,22 @@ def test_eval_tasks_during_training(tmp_path):
     assert 0.0 <= line['eval/skills/exact_match'] <= 1.0
     assert 0.0 <= line['eval/skills/math/exact_match'] <= 1.0
     assert line['eval/tiny_sums/acc'] in (0.0, 0.5, 1.0)
+
+
+def test_generate_interactive_chat_keeps_the_history(run, monkeypatch):
+  import io
+  from mos_jax import ask
+  config, workdir = run
+  seen = []
+  original = generation.Generator.chat
+
+  def spy(self, conversations, *args, **kwargs):
+    seen.append([list(c) for c in conversations])
+    return original(self, conversations, *args, **kwargs)
+  monkeypatch.setattr(generation.Generator, 'chat', spy)
+  out = io.StringIO()
+  ask.run(config, workdir, None, None, None, ask.Options(max_new_tokens=3),
+          stdin=io.StringIO('hello\nand more\n\nignored\n'), out=out)
+  assert out.getvalue().startswith('Chatting with step 4') and len(seen) == 2
+  assert [m['role'] for m in seen[1][0]] == ['user', 'assistant', 'user']
+  assert seen[1][0][0]['content'] == 'hello' and seen[1][0][2]['content'] == 'and more'
