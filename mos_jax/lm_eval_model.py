@@ -113,7 +113,9 @@ class MosJaxLM(TemplateLM):
     return self.loaded.tokenizer_dir.replace('/', '__')
 
   def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None, **kwargs):
-    special = model_utils._add_special_kwargs(add_special_tokens, self.add_bos_token)  # pylint: disable=protected-access
+    # lm-eval's own rule for special tokens (as its hf model encodes).
+    special = model_utils._add_special_kwargs(  # pylint: disable=protected-access
+        add_special_tokens, self.add_bos_token)
     if add_special_tokens is None and model_utils.has_bos_prefix(
         string, self.tokenizer.decode(self.prefix_token_id)):
       special['add_special_tokens'] = False

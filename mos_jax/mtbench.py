@@ -52,8 +52,9 @@ def read_questions(path: str) -> list[dict]:
         raise ValueError(f'{path}:{n}: not valid JSON ({e.msg}).') from None
       if not (isinstance(q, dict) and 'question_id' in q and isinstance(q.get('turns'), list)
               and q['turns'] and all(isinstance(t, str) for t in q['turns'])):
+        got = sorted(q) if isinstance(q, dict) else type(q).__name__
         raise ValueError(f'{path}:{n}: an MT-bench question needs "question_id" and "turns" (a '
-                         f'non-empty list of strings); got keys {sorted(q) if isinstance(q, dict) else type(q).__name__}.')
+                         f'non-empty list of strings); got {got}.')
       out.append(q)
   if not out:
     raise ValueError(f'{path}: no questions.')
@@ -159,7 +160,9 @@ def judge_answers(questions, answers, prompts: dict, url: str, judge_model: str,
       name = 'single-math-v1' if use_ref else 'single-v1'
       name += '-multi-turn' if multi else ''
       template = prompts.get(name) or prompts['single-v1' + ('-multi-turn' if multi else '')]
-      fields = {'ref_answer_1': ref[0], 'ref_answer_2': ref[1] if len(ref) > 1 else ''} if use_ref else {}
+      fields = {}
+      if use_ref:
+        fields = {'ref_answer_1': ref[0], 'ref_answer_2': ref[1] if len(ref) > 1 else ''}
       if multi:
         user = template['prompt_template'].format(
             question_1=q['turns'][0], question_2=q['turns'][1], answer_1=turns[0],
