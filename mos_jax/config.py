@@ -37,6 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
   c.data.demo_dir = ''  # Where demo skills are generated when a recipe uses them ('' = none).
   c.data.root = ''  # Folder that relative dataset paths/dev_paths are read from ('' = as given).
+  c.data.answer_field = 'answer'  # Record field with the exact answer (skills task exact match).
   # One entry per dataset: c.data.datasets.<name> = dataset(path=..., format=..., ...).
   c.data.datasets = ml_collections.ConfigDict()
 
@@ -55,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10  # Steps between metrics lines.
   c.train.eval_every = 100  # Steps between dev-set evaluations (0 = only at the start and end).
   c.train.eval_batches = 4  # Dev batches per dataset per evaluation (0 = the whole dev split).
+  c.train.eval_tasks = ()  # Also run these at every evaluation: 'skills', cheap lm-eval tasks.
+  c.train.eval_task_limit = 32  # Examples per eval task during training (0 = all).
+  c.train.eval_task_path = ''  # Folder of extra lm-eval task YAMLs for eval_tasks ('' = none).
   c.train.checkpoint_every = 500  # Steps between checkpoints (0 = only at the end).
   c.train.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.train.async_checkpoints = True  # Write checkpoints in the background.

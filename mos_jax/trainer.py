@@ -78,6 +78,7 @@ class Run:
   window: list = dataclasses.field(default_factory=list)  # Unlogged step metrics at resume.
   stopped_by: str | None = None  # 'SIGTERM' / 'Ctrl-C (SIGINT)' when a signal stopped train().
   exit_code: int = 0  # What the train command exits with (130 after Ctrl-C).
+  eval_tasks: Any = None  # mos_jax.evaluation.TrainingTasks, made at the first evaluation.
 
   def close(self):
     """Releases the workdir (train() does it; call it when a built run is not trained)."""
@@ -173,8 +174,8 @@ def _checked_workdir(workdir: str) -> str:
   return os.path.abspath(workdir)  # Orbax wants absolute paths.
 
 
-def restore_model(config, workdir: str):
-  """The backbone of `workdir`'s latest checkpoint: (model, step, tokenizer folder).
+def restore_model(config, workdir: str, step: int | None = None):
+  """The backbone of `workdir`'s latest checkpoint (or of `step`): (model, step, tokenizer folder).
 
   Reads only the train state (not the loader, not the data) and writes nothing, so it works on a
   finished, running or crashed run, with any number of processes.
@@ -188,9 +189,13 @@ def restore_model(config, workdir: str):
   checkpointer = checkpoint_lib.Checkpointer(directory, keep=config.train.keep_checkpoints,
                                              async_save=False)
   try:
-    step = checkpointer.latest_step()
     if step is None:
-      raise FileNotFoundError(f'{directory}: no checkpoint (train first).')
+      step = checkpointer.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'{directory}: no checkpoint (train first).')
+    elif step not in checkpointer.all_steps():
+      raise FileNotFoundError(f'{directory}: no checkpoint of step {step}; saved steps: '
+                              f'{checkpointer.all_steps()}.')
     tokenizer_dir = data_lib.tokenizer_path(config)
     vocab_size = len(data_lib.load_tokenizer(tokenizer_dir))
     # Only the scorer's shape depends on the dataset sizes; the restored values replace it.
@@ -351,6 +356,11 @@ def evaluate(run: Run) -> dict[str, float]:
     nll_sum, tokens = np.sum(jax.device_get(sums), axis=0) if sums else (0.0, 0.0)
     if tokens > 0:
       out[f'eval/{name}/loss'] = float(nll_sum / tokens)
+  if run.config.train.get('eval_tasks'):  # Skills exact match, lm-eval tasks (evaluation.py).
+    if run.eval_tasks is None:
+      from mos_jax import evaluation  # pylint: disable=g-import-not-at-top
+      run.eval_tasks = evaluation.TrainingTasks(run)
+    out.update(run.eval_tasks())
   return out
 
 

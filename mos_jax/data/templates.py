@@ -157,3 +157,19 @@ def make_template(tokenizer, name: str = ''):
   if name:
     return BuiltinTemplate(name, tokenizer)
   return HFTemplate(tokenizer)
+
+
+def generation_prompt(template, conversation: Sequence[dict]) -> str:
+  """The text that asks for the next assistant turn (HF `add_generation_prompt=True`)."""
+  conversation = list(conversation)
+  if isinstance(template, HFTemplate):
+    return template._render(conversation, True)  # pylint: disable=protected-access
+  # Built-in: render an empty assistant turn; its (trained) span starts where the answer goes.
+  text, spans = template.render(conversation + [{'role': 'assistant', 'content': ''}])
+  return text[:spans[-1][0]]
+
+
+def turn_closers(tokenizer) -> list[str]:
+  """Tokens of the tokenizer's vocabulary that close a chat turn (generation stops there)."""
+  vocab = tokenizer.get_vocab()
+  return [c for c in (tokenizer.eos_token, *_TURN_CLOSERS) if c and c in vocab]

@@ -9,7 +9,7 @@ HF's [out, in] layout.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from mos_jax import sharding as sharding_lib
+from mos_jax.models import kv_cache
 from mos_jax.models.config import ModelConfig
 
 INIT_STD = 0.02  # HF `initializer_range` of all three families.
@@ -25,6 +26,7 @@ INIT_STD = 0.02  # HF `initializer_range` of all three families.
 class DecoderOutput(NamedTuple):
   logits: jax.Array  # [B, L, V] float32
   hidden: jax.Array  # [B, L, D] after the final norm, compute dtype
+  cache: Any = None  # kv_cache.KVCache after this call's tokens, when called with a cache
 
 
 def _param(value, *names):
@@ -98,7 +100,7 @@ class Attention(nnx.Module):
       self.k_bias = _param(jnp.zeros((k, h), pd), 'kv_heads', 'head_dim')
       self.v_bias = _param(jnp.zeros((k, h), pd), 'kv_heads', 'head_dim')
 
-  def __call__(self, x, cos, sin, mask):  # x [B, L, D]; mask [B, 1, L, S] bool or None
+  def __call__(self, x, cos, sin, mask, cache=None):  # x [B, L, D]; mask [B, 1, L, S] bool or None
     dt = self.config.dtype
     q = jnp.einsum('BLD,DNH->BLNH', x, self.q_proj[...].astype(dt))
     k = jnp.einsum('BSD,DKH->BSKH', x, self.k_proj[...].astype(dt))
@@ -108,6 +110,9 @@ class Attention(nnx.Module):
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:  # Decoding: attend over the KV cache (kv_cache.LayerCache).
+      out, cache = kv_cache.attend(q, k, v, mask, cache)
+      return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt)), cache
     # Grouped-query attention is native here (K < N); scale defaults to 1/sqrt(H).
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                        implementation=self.config.attention_impl)  # [B, L, N, H]
@@ -144,7 +149,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, cache=None):
+    if cache is not None:  # Decoding: (x, cache) out (kv_cache.LayerCache).
+      attn, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+      x = x + attn
+      return x + self.mlp(self.mlp_norm(x)), cache
     x = x + self.attn(self.attn_norm(x), cos, sin, mask)
     return x + self.mlp(self.mlp_norm(x))
 
@@ -189,18 +198,24 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(self.config.hidden_size ** 0.5, dt)
     return x
 
-  def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
-    return self.from_embeddings(self.embed_tokens(tokens), positions, segment_ids, attention_mask)
+  def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None, cache=None):
+    return self.from_embeddings(self.embed_tokens(tokens), positions, segment_ids, attention_mask,
+                                cache)
 
-  def from_embeddings(self, x, positions=None, segment_ids=None, attention_mask=None):
+  def from_embeddings(self, x, positions=None, segment_ids=None, attention_mask=None, cache=None):
     """The decoder after the embedding lookup: x [B, L, D] (already scaled for Gemma).
 
     segment_ids [B, L]: 1..k per packed sequence, 0 = padding; attention_mask [B, L] (1 = real
     token) is the unpacked alternative. Tokens attend causally within their own segment only.
     Positions default to 0, 1, ... within each segment (or arange(L) with neither given).
+    With a `cache` (kv_cache.KVCache), the tokens continue the cached ones: positions and the
+    mask come from the cache (attention_mask [B, L] marks left padding), and the output carries
+    the updated cache.
     """
     c = self.config
-    if attention_mask is not None:
+    if cache is not None:
+      positions, mask, cache = kv_cache.advance(cache, attention_mask, x.shape[:2])
+    elif attention_mask is not None:
       ones = jnp.ones(attention_mask.shape, jnp.int32)
       segment_ids = jnp.where(attention_mask.astype(bool),
                               ones if segment_ids is None else segment_ids, 0)
@@ -211,8 +226,9 @@ class Decoder(nnx.Module):
         positions = segment_positions(segment_ids)
     # Same-segment mask. Padding (segment 0) attends to padding, and causality always keeps the
     # diagonal, so no row is fully masked: padded rows stay finite (no NaN in the gradients).
-    mask = None if segment_ids is None else (
-        segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, L, S]
+    if cache is None:
+      mask = None if segment_ids is None else (
+          segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, L, S]
     cos, sin = rope_tables(c, positions)
     # Pin activations to batch sharding: left to propagation from the FSDP-sharded weights,
     # every device would compute the whole batch (README: "Memory per device"). No-op without a mesh.
@@ -222,7 +238,9 @@ class Decoder(nnx.Module):
       return sharding_lib.constrain(block(x, cos, sin, mask), 'batch', None, 'embed')
     if c.remat:
       apply = nnx.remat(apply)
-    if c.scan_layers:
+    if cache is not None:
+      x, cache = kv_cache.run_layers(self.layers, c.scan_layers, x, cos, sin, mask, cache)
+    elif c.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry)
       def scan_body(block, x, cos, sin, mask):
         return apply(block, x, cos, sin, mask)
@@ -239,7 +257,7 @@ class Decoder(nnx.Module):
       logits = jnp.einsum('BLD,DV->BLV', hidden, self.lm_head[...].astype(c.dtype),
                           preferred_element_type=jnp.float32)
     logits = sharding_lib.constrain(logits, 'batch', None, 'vocab')
-    return DecoderOutput(logits=logits, hidden=hidden)
+    return DecoderOutput(logits=logits, hidden=hidden, cache=cache)
 
 
 def abstract_model(config: ModelConfig) -> Decoder:
