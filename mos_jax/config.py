@@ -18,9 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.hf_checkpoint = ''  # Local Hugging Face folder (config.json + safetensors) to fine-tune.
   c.model.param_dtype = 'float32'  # Dtype the parameters are stored and updated in.
   c.model.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
-  c.model.remat = False  # Rematerialise each decoder layer in the backward pass (saves memory).
-  c.model.scan_layers = False  # Scan over layers (faster compiles for deep models).
-  c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation: '' (auto), 'xla', 'cudnn'.
+  c.model.remat = 'none'  # Per-layer recomputation in the backward pass: 'none', 'full', 'save_dots', 'save_dots_no_batch' (jax.checkpoint_policies).
+  c.model.scan_layers = True  # Scan over stacked layers (compiles once per layer kind, not per layer).
+  c.model.attention_impl = ''  # Attention kernel: '' (auto: splash on TPU, cudnn on GPU, xla elsewhere), 'xla', 'cudnn', 'triton', 'splash'.
+  c.model.loss_chunk = 256  # Positions per LM-head + cross-entropy chunk: no full [B, L, V] fp32 logits (0 = one chunk).
 
   c.data = ml_collections.ConfigDict()
   c.data.tokenizer = ''  # Local tokenizer folder; '' = the model.hf_checkpoint folder.

@@ -52,15 +52,21 @@ def learning_rate(train_config, step):
   return train_config.lr * max(0.0, 1.0 - (step - warmup) / max(steps - warmup, 1))
 
 
-def _forward(graphdef, params, batch):
+def _forward_nll(graphdef, params, batch):
+  """Per-token NLL [B, L] fp32 and final hidden states [B, L, D], through the chunked LM head
+  (no [B, L, V] logits; the model's loss_chunk sets the chunk)."""
   model = nnx.merge(graphdef, params)
-  return model(batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'])
+  hidden = model.hidden_states(model.embed_tokens(batch['tokens']), positions=batch['positions'],
+                               segment_ids=batch['segment_ids'])
+  weight, vocab_first = model.head_weight()
+  nll = loss_lib.chunked_token_nll(hidden, weight, batch['targets'], vocab_first=vocab_first,
+                                   dtype=model.config.dtype, chunk=model.config.loss_chunk)
+  return nll, hidden
 
 
 def _sum_loss(params, graphdef, batch, num_datasets):
   """Sum of masked token NLL (differentiated), and per-dataset sums for the metrics."""
-  out = _forward(graphdef, params, batch)
-  nll = loss_lib.token_nll(out.logits, batch['targets'])  # [B, L]
+  nll, _ = _forward_nll(graphdef, params, batch)  # [B, L]
   row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])  # [B], [B]
   aux = {
       'tokens': row_tokens.sum(),
@@ -129,10 +135,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
 
 def example_nll(graphdef, params, batch):
   """Per-row mean NLL over trained tokens and the final hidden states, from one forward."""
-  out = _forward(graphdef, params, batch)
-  nll = loss_lib.token_nll(out.logits, batch['targets'])
+  nll, hidden = _forward_nll(graphdef, params, batch)
   mean_nll, valid = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
-  return mean_nll, valid, out.hidden
+  return mean_nll, valid, hidden
 
 
 def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
@@ -161,8 +166,7 @@ def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
 
 def eval_step(params, batch, *, graphdef):
   """Summed masked NLL and trained-token count of a dev batch (token-weighted dev loss)."""
-  out = _forward(graphdef, params, batch)
-  nll = loss_lib.token_nll(out.logits, batch['targets'])
+  nll, _ = _forward_nll(graphdef, params, batch)
   row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])
   return row_nll.sum(), row_tokens.sum()
 

@@ -66,7 +66,8 @@ class Run:
 def _build_model(config, mesh, vocab_size: int):
   m = config.model
   options = {'dtype': m.dtype, 'param_dtype': m.param_dtype, 'remat': m.remat,
-             'scan_layers': m.scan_layers, 'attention_impl': m.attention_impl or None}
+             'scan_layers': m.scan_layers, 'attention_impl': m.attention_impl or None,
+             'loss_chunk': m.loss_chunk}
   if m.hf_checkpoint:
     model = models.load_hf(m.hf_checkpoint, mesh=mesh, **options)
   else:
