@@ -37,7 +37,7 @@ _BLOCK = 128  # Pallas tiles: sequences are padded to a multiple of this (or a p
 
 def resolve(impl: str | None, platform: str | None = None) -> str:
   """The kernel an `attention_impl` setting means on `platform` (default: jax's backend)."""
-  if impl not in IMPLS:
+  if impl not in IMPLS + ('',):
     raise ValueError(f'attention_impl {impl!r} is not one of {IMPLS}.')
   if impl:
     return impl
