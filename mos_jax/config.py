@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mix_per = 'batch'  # 'batch': one dataset per batch (Algorithm 1); 'example': per example.
   c.data.on_error = 'raise'  # Malformed records: 'raise' (name file and line) or 'skip' (counted).
   c.data.reward_batch_size = 16  # Examples per dataset in each reward batch (COSSIM/DIFF).
+  c.data.reward_micro_batch = 0  # Rows per forward in the reward and theta_0 passes (0 = all at once); must divide them.
   c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
   c.data.demo_dir = ''  # Where demo skills are generated when a recipe uses them ('' = none).
   # One entry per dataset: c.data.datasets.<name> = dataset(path=..., format=..., ...).

@@ -120,7 +120,8 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
                                out_shardings=param_shardings)(initial_params)
   reward_step = jax.jit(
       functools.partial(steps.reward_step, graphdef=graphdef, num_datasets=len(data.names),
-                        with_embeddings=strategy.needs_embeddings),
+                        with_embeddings=strategy.needs_embeddings,
+                        micro_rows=config.data.reward_micro_batch),
       in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
                     None), out_shardings=replicated)
   reward_fn = lambda params, batch: reward_step(params, reference_params, batch)
@@ -133,7 +134,8 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
 
   mixing_fn = jax.jit(mixing_update, out_shardings=replicated)
   if strategy.needs_reference and reference == 'cache':
-    nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef),
+    nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef,
+                                         micro_rows=config.data.reward_micro_batch),
                        in_shardings=(param_shardings, None), out_shardings=replicated)
     with jax.set_mesh(mesh):
       reference_tables = reference_lib.load_or_compute(
