@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500  # Steps between checkpoints (0 = only at the end).
   c.train.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.train.async_checkpoints = True  # Write checkpoints in the background.
+  c.train.compilation_cache = '~/.cache/mos_jax/jax'  # jax's persistent compilation cache folder ('' = off): repeated and resumed runs skip compiling.
   c.train.progress_bar = True  # Show a tqdm progress bar on process 0.
 
   c.mixing = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mos_jax import checkpoint as checkpoint_lib
+from mos_jax import compilation_cache
 from mos_jax import config as config_lib
 from mos_jax import distributed
 from mos_jax import metrics as metrics_lib
@@ -189,6 +190,7 @@ def build(config, workdir: str) -> Run:
   """Everything a run needs; resumes from the latest checkpoint in `workdir` if there is one."""
   workdir = _checked_workdir(workdir)
   distributed.initialize()
+  compilation_cache.enable(config.train.compilation_cache)
   is_main = distributed.is_main_process()
   mesh = sharding.make_mesh(config.mesh)
   data = build_data(config, process_index=jax.process_index(),
