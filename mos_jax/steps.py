@@ -125,6 +125,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
       'loss': loss,
       'grad_norm': grad_norm,
       'tokens': aux['tokens'],
+      # Positions that hold a real token (not padding), and all positions: perf/real_token_fraction.
+      'real_tokens': (batch['segment_ids'] > 0).sum().astype(jnp.float32),
+      'positions': jnp.asarray(batch['segment_ids'].size, jnp.float32),
       'dataset_nll': aux['dataset_nll'],
       'dataset_tokens': aux['dataset_tokens'],
       'finite': finite,

@@ -327,6 +327,8 @@ class _Window:
            'train/lr': steps.learning_rate(self.train_config, step - 1 - skipped_steps),
            'train/skipped_steps': skipped_steps,
            'perf/tokens_per_s': tokens / max(elapsed, 1e-9),
+           'perf/real_token_fraction': (sum(float(m['real_tokens']) for m in got)
+                                        / max(sum(float(m['positions']) for m in got), 1.0)),
            'perf/step_s': elapsed / steps_done}
     for i, name in enumerate(self.names):
       if ds_tokens[i] > 0:

@@ -43,11 +43,12 @@ class DataBundle:
     return self.names.index(name)
 
   def dev_batches(self, name: str):
-    """This host's eval_batch_size // process_count rows per batch over the dev split, in order."""
+    """This host's eval_batch_size // process_count rows per batch over the dev split, in order
+    (packed like training rows when data.packing is on: the dev loss is a token-weighted sum)."""
     s = self._s
     return pipeline.finite_batches(
         self._datasets[name].dev, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
-        s['buckets'], s['process_index'], s['process_count'])
+        s['buckets'], s['process_index'], s['process_count'], packing=s['packing'])
 
   def full_pass_batches(self, name: str, batch_size: int):
     """Every train example once, in order, batch_size // process_count rows per host and batch;
@@ -264,6 +265,7 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
       process_index=process_index, process_count=process_count)
   train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
   settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,
+              'packing': bool(d.packing),
               'buckets': buckets, 'process_index': process_index, 'process_count': process_count}
   return DataBundle(names, datasets, tokenizer, stats, train, settings)
 

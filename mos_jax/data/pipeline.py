@@ -208,17 +208,56 @@ def padding_row(row: dict) -> dict:
   return dict(row, loss_mask=np.zeros_like(row['loss_mask']), example_id=-1)
 
 
+def _next_fit(lengths, max_len: int) -> list[list[int]]:
+  """Consecutive examples packed in order: a new row starts when the next one does not fit."""
+  rows, used = [], max_len + 1
+  for i, n in enumerate(lengths):
+    if used + n > max_len:
+      rows.append([])
+      used = 0
+    rows[-1].append(i)
+    used += n
+  return rows
+
+
+def pack_rows(rows: list[dict]) -> dict:
+  """Unpadded rows -> one row holding them all, segment ids 1..k (example_id -1)."""
+  out = {key: np.concatenate([row[key] for row in rows]) for key in ('tokens', 'targets',
+                                                                   'loss_mask', 'positions')}
+  out['segment_ids'] = np.concatenate(
+      [np.full(len(row['tokens']), k + 1, np.int32) for k, row in enumerate(rows)])
+  out['example_id'] = -1
+  return out
+
+
 def finite_batches(source: ExampleSource, dataset_id: int, rows_per_batch: int, pad_id: int,
-                   max_len: int, buckets, process_index: int = 0, process_count: int = 1):
+                   max_len: int, buckets, process_index: int = 0, process_count: int = 1,
+                   packing: bool = False):
   """Every example of this host's shard once, in order; every host yields the same number of
-  batches (ceil of the largest shard), the last padded with rows whose loss_mask is 0."""
+  batches (ceil of the largest shard), the last padded with rows whose loss_mask is 0.
+
+  With packing, consecutive examples share rows (in order); each host works out every host's
+  row count from the example lengths, so all agree on the number of batches without talking.
+  """
   total = len(source)
   if total == 0:
     return
-  largest_shard = -(-total // process_count)
-  num_batches = -(-largest_shard // rows_per_batch)
   mine = range(process_index, total, process_count)
   filler = padding_row(to_row(source[0]))
+  if packing:
+    lengths = np.diff(source._offsets) - 1  # Tokens per row (inputs are ids[:-1]).  # pylint: disable=protected-access
+    largest = max(len(_next_fit(lengths[p::process_count], max_len))
+                  for p in range(process_count))
+    packed = [pack_rows([to_row(source[mine[i]]) for i in group])
+              for group in _next_fit(lengths[process_index::process_count], max_len)]
+    num_batches = -(-largest // rows_per_batch)
+    for k in range(num_batches):
+      rows = packed[k * rows_per_batch:(k + 1) * rows_per_batch]
+      rows += [filler] * (rows_per_batch - len(rows))
+      yield crop(stack(rows, max_len, pad_id), [dataset_id] * rows_per_batch, max_len, buckets)
+    return
+  largest_shard = -(-total // process_count)
+  num_batches = -(-largest_shard // rows_per_batch)
   for k in range(num_batches):
     chunk = mine[k * rows_per_batch:(k + 1) * rows_per_batch]
     rows = [to_row(source[i]) for i in chunk]
