@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.on_error = 'raise'  # Malformed records: 'raise' (name file and line) or 'skip' (counted).
   c.data.reward_batch_size = 16  # Examples per dataset in each reward batch (COSSIM/DIFF).
   c.data.reward_micro_batch = 0  # Rows per forward in the reward and theta_0 passes (0 = all at once); must divide them.
+  c.data.prefetch = 2  # Training batches prepared and put on the devices ahead, in a background thread (0 = inline).
   c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
   c.data.demo_dir = ''  # Where demo skills are generated when a recipe uses them ('' = none).
   # One entry per dataset: c.data.datasets.<name> = dataset(path=..., format=..., ...).

@@ -34,6 +34,7 @@ from mos_jax import sharding
 from mos_jax import steps
 from mos_jax.data import bundle as data_lib
 from mos_jax.data import build_data
+from mos_jax.data import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +302,11 @@ class _Window:
   Non-finite (skipped) steps are left out of the losses; their count is logged separately.
   """
 
-  def __init__(self, names, train_config, first_step):
-    self.names, self.train_config = names, train_config
+  def __init__(self, names, train_config, first_step, feed):
+    self.names, self.train_config, self.feed = names, train_config, feed
     self.pending = []
     self.start, self.first_step = time.perf_counter(), first_step
+    self.waited = feed.wait_s  # The loop's total wait for batches at the window's start.
 
   def add(self, metrics):
     self.pending.append(metrics)
@@ -314,8 +316,12 @@ class _Window:
     self.start += seconds
 
   def flush(self, step: int, skipped_steps: int) -> dict[str, float]:
-    got = [m for m in jax.device_get(self.pending) if m['finite']]
+    pending = jax.device_get(self.pending)  # Metrics are read here only: the device never waits.
+    for m in pending:
+      _check_finite(m, self.train_config.max_bad_steps)
+    got = [m for m in pending if m['finite']]
     elapsed, steps_done = time.perf_counter() - self.start, max(1, step - self.first_step)
+    waited, self.waited = self.feed.wait_s - self.waited, self.feed.wait_s
     self.pending, self.start, self.first_step = [], time.perf_counter(), step
     tokens = sum(float(m['tokens']) for m in got)
     ds_nll = sum((m['dataset_nll'] for m in got), np.zeros(len(self.names)))
@@ -329,6 +335,9 @@ class _Window:
            'perf/tokens_per_s': tokens / max(elapsed, 1e-9),
            'perf/real_token_fraction': (sum(float(m['real_tokens']) for m in got)
                                         / max(sum(float(m['positions']) for m in got), 1.0)),
+           'perf/real_tokens_per_s': (sum(float(m['real_tokens']) for m in got)
+                                      / max(elapsed, 1e-9)),
+           'perf/data_wait_fraction': waited / max(elapsed, 1e-9),
            'perf/step_s': elapsed / steps_done}
     for i, name in enumerate(self.names):
       if ds_tokens[i] > 0:
@@ -362,29 +371,28 @@ def _train_loop(run: Run) -> dict:
     say(_eval_text(0, first, names))
     run.writer.write(0, {**first, **_mixture_metrics(current_probs(run), names)})
 
-  window = _Window(names, tc, run.start_step)
-  previous = None  # The last step's metrics, read one step late so the device never idles.
+  updates_after = lambda step: (run.strategy.updates_scorer
+                                 and (step - 1) % config.mixing.update_every == 0)
+  feed = prefetch.Prefetcher(data.train, functools.partial(distributed.host_local_to_global,
+                                                           mesh=run.mesh),
+                             run.start_step + 1, tc.steps, config.data.prefetch, updates_after)
+  window = _Window(names, tc, run.start_step, feed)
   try:
     for step in range(run.start_step + 1, tc.steps + 1):
-      batch = next(data.train)
-      run.state, metrics = run.train_fn(run.state,
-                                        distributed.host_local_to_global(batch, run.mesh))
+      run.state, metrics = run.train_fn(run.state, feed.next(step))
       window.add(metrics)
-      if previous is not None:
-        _check_finite(previous, tc.max_bad_steps)
-      previous = metrics
 
       line = {}
       # Algorithm 1 counts t = 0..T and updates psi after the theta update when t % S == 0; our
       # step is t + 1, so the scorer moves after steps 1, S + 1, 2S + 1, ...
-      if run.strategy.updates_scorer and (step - 1) % config.mixing.update_every == 0:
+      if updates_after(step):
         line.update(update_mixture(run))
         data.train.set_probabilities(current_probs(run))
+        feed.resume()
       last = step == tc.steps
       checkpoint_now = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last
       # Windows also restart at checkpoints, so a resumed run logs what an uninterrupted one does.
       if step % tc.log_every == 0 or checkpoint_now:
-        _check_finite(metrics, tc.max_bad_steps)
         line.update(window.flush(step, int(jax.device_get(run.state.skipped_steps))))
       paused = time.perf_counter()
       if (tc.eval_every and step % tc.eval_every == 0) or last:
@@ -392,7 +400,7 @@ def _train_loop(run: Run) -> dict:
         say(_eval_text(step, dev, names))
         line.update(dev)
       if checkpoint_now:
-        run.checkpointer.save(step, run.state, data.train, run.meta)
+        run.checkpointer.save(step, run.state, feed, run.meta)  # The position of step + 1.
       window.pause(time.perf_counter() - paused)
       if line:
         line.update(_mixture_metrics(current_probs(run), names))  # Every line has the mixture.
@@ -402,6 +410,7 @@ def _train_loop(run: Run) -> dict:
       if progress is not None:
         progress.update(1)
   finally:
+    feed.close()
     if progress is not None:
       progress.close()
     run.checkpointer.wait()
