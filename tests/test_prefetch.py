@@ -23,7 +23,7 @@ class _Loader:
     return (self.draws, self.setting)
 
   def get_state(self):
-    return {'draws': self.draws}
+    return {'draws': self.draws, 'setting': self.setting}
 
 
 @pytest.mark.parametrize('depth', [0, 1, 3])
@@ -34,10 +34,11 @@ def test_draws_wait_for_the_loop_after_hold_steps(depth):
   got = []
   for step in range(1, 7):
     got.append(feed.next(step))
-    assert json.loads(feed.get_state()) == {'draws': step}  # Not the prefetched position.
     if step == 2:
       loader.setting = 'b'  # What the loop does between steps: a new mixture.
       feed.resume()
+    # The position after the last batch taken (not the prefetched one), with the loop's change.
+    assert json.loads(feed.get_state()) == {'draws': step, 'setting': 'a' if step < 2 else 'b'}
   feed.close()
   assert got == [(1, 'a'), (2, 'a'), (3, 'b'), (4, 'b'), (5, 'b'), (6, 'b')]
   assert loader.draws == 6  # Nothing drawn past the last step.

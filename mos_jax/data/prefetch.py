@@ -8,7 +8,8 @@ from changing any batch:
     goes on only when the loop calls `resume()`, so every batch is drawn with the probabilities an
     inline loader would have used;
   - the loader position saved in a checkpoint is the one after the last batch the loop took, not
-    after the last one drawn (`get_state()` here; pass this object to the checkpointer).
+    after the last one drawn (`get_state()` here; pass this object to the checkpointer), with the
+    loop's own changes at hold steps (reward batches read, new probabilities) included.
 With depth 0 the same code runs inline, in the loop's thread.
 """
 
@@ -85,7 +86,11 @@ class Prefetcher:
     return batch
 
   def resume(self):
-    """Lets the worker draw again after a `hold_after` step (call after changing the mixture)."""
+    """Lets the worker draw again after a `hold_after` step (call after changing the mixture).
+
+    The worker is paused with nothing queued, so the loader's live position is the loop's: it is
+    read again here to include what the loop changed (reward streams, probabilities)."""
+    self._state = self._loader.get_state()
     if self._depth:
       self._go.set()
 
