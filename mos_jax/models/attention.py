@@ -7,7 +7,8 @@ row is fully masked and padded rows stay finite). Only 'xla' materialises a mask
   'xla'        jax.nn.dot_product_attention with a dense [B, 1, L, S] mask: the reference, any device.
   'cudnn'      cuDNN flash attention (jax.nn.dot_product_attention) with per-row sequence lengths.
                Only right-padded single-segment rows fit that description, so a batch where any
-               row is packed (or left-padded) goes to the Triton kernel instead (a runtime branch).
+               row is packed (or left-padded) goes to the Triton kernel instead (a runtime branch);
+               so do fp32 inputs and head dims cuDNN's flash kernel does not take on the GPU.
   'triton'     Pallas flash attention for GPUs (jax.experimental.pallas.ops.gpu.attention) with
                segment ids.
   'splash'     Pallas splash attention for TPUs with a causal mask and segment ids (as MaxText).
@@ -54,7 +55,9 @@ def attend(q, k, v, segment_ids, impl: str | None = None):
   if kind == 'xla':
     return _xla(q, k, v, segment_ids)
   if kind == 'cudnn':
-    return _cudnn_or_triton(q, k, v, segment_ids)
+    if _cudnn_fits(q):
+      return _cudnn_or_triton(q, k, v, segment_ids)
+    kind = 'triton'  # fp32, or a head_dim cuDNN's flash kernel does not take on this GPU.
   kernel = {'triton': _triton, 'splash': _splash}[kind]
   return _per_shard(functools.partial(_padded, kernel, interpret=interpret), q, k, v, segment_ids)
 
@@ -62,6 +65,15 @@ def attend(q, k, v, segment_ids, impl: str | None = None):
 def _xla(q, k, v, segment_ids):
   mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, L, S]
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation='xla')
+
+
+def _cudnn_fits(q) -> bool:
+  """cuDNN flash attention takes bf16/fp16 with head_dim a multiple of 8, at most 128 (256 from
+  Hopper, compute capability 9.0, on)."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 8:
+    return False
+  capability = getattr(jax.devices()[0], 'compute_capability', '0')
+  return q.shape[-1] <= (256 if float(capability) >= 9.0 else 128)
 
 
 def _cudnn_or_triton(q, k, v, segment_ids):
