@@ -11,8 +11,10 @@ mesh, compiles it ahead of time and prints `compiled.memory_analysis()` per devi
 Setup: bf16 parameters and compute, fp32 AdamW moments, scanned layers, each preset's remat
 policy in the paper recipes (`--remat recipe`; or one policy name for all), the chunked LM head +
 loss (`--loss-chunk`, 0 = one chunk); the decoder pins its activations to batch sharding
-(`sharding.constrain`). Attention is the XLA path (the only one XLA:CPU compiles natively): it
-holds [rows, heads, L, L] scores that the GPU/TPU kernels do not.
+(`sharding.constrain`). Attention is the XLA path by default (the only one XLA:CPU compiles
+natively): it holds [rows, heads, L, L] scores that the GPU/TPU kernels do not; `--attention
+splash` compiles the splash kernel in Pallas interpret mode instead (a loop over tiles), which
+estimates the kernels' footprint.
 Results and their reading: README.md, "Memory per device".
 Numbers come from the XLA:CPU compiler: its buffer assignment (and how it lowers bf16) is not
 the TPU's or GPU's, so treat them as estimates of what the sharding does, not as a guarantee.
@@ -46,7 +48,7 @@ RECIPE_REMAT = {'qwen1.5-0.5b': 'save_dots_no_batch', 'gemma-2b': 'full', 'llama
 
 
 def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str = 'recipe',
-            loss_chunk: int = 256) -> dict:
+            loss_chunk: int = 256, attention: str = 'xla') -> dict:
   """Lowers and compiles one train step for `preset` on all local devices; memory per device."""
   import jax
   import jax.numpy as jnp
@@ -59,7 +61,7 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
   remat = RECIPE_REMAT.get(preset, 'full') if remat == 'recipe' else remat
   model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat=remat,
-                                   scan_layers=True, attention_impl='xla', loss_chunk=loss_chunk)
+                                   scan_layers=True, attention_impl=attention, loss_chunk=loss_chunk)
   abstract_model = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
@@ -98,6 +100,7 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str
   opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
   return dict(
       preset=preset, devices=n, batch=batch, seq=seq, remat=remat, loss_chunk=loss_chunk,
+      attention=attention,
       compile_s=round(seconds, 1),
       params_b=round(models.param_count(model_config) / 1e9, 3),
       ideal_state_gib=round((param_bytes + opt_bytes) / n / GIB, 3),
@@ -111,13 +114,13 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str
 
 
 def run_devices(devices: int, presets, batch: int, seqs, timeout: float, remat: str,
-                loss_chunk: int) -> list[dict]:
+                loss_chunk: int, attention: str) -> list[dict]:
   """One subprocess per device count: XLA_FLAGS must be set before jax starts."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, os.path.abspath(__file__), '--child', '--presets', *presets,
          '--batch', str(batch), '--seq', *map(str, seqs), '--remat', remat,
-         '--loss-chunk', str(loss_chunk)]
+         '--loss-chunk', str(loss_chunk), '--attention', attention]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode:
@@ -126,12 +129,12 @@ def run_devices(devices: int, presets, batch: int, seqs, timeout: float, remat: 
 
 
 def table(rows) -> str:
-  head = ('| preset | params (B) | devices | batch x seq | remat | state/device, ideal (GiB) | '
-          'arguments (GiB) | temp (GiB) | peak (GiB) | compile (s) |')
-  lines = [head, '|' + '---|' * 10]
+  head = ('| preset | params (B) | devices | batch x seq | remat | attention | '
+          'state/device, ideal (GiB) | arguments (GiB) | temp (GiB) | peak (GiB) | compile (s) |')
+  lines = [head, '|' + '---|' * 11]
   for r in rows:
     lines.append(f"| {r['preset']} | {r['params_b']} | {r['devices']} | {r['batch']} x {r['seq']} "
-                 f"| {r['remat']} | {r['ideal_state_gib']} | {r['argument_gib']} | "
+                 f"| {r['remat']} | {r.get('attention', 'xla')} | {r['ideal_state_gib']} | {r['argument_gib']} | "
                  f"{r['temp_gib']} | {r['peak_gib']} | {r['compile_s']} |")
   return '\n'.join(lines)
 
@@ -144,6 +147,9 @@ def main():
   p.add_argument('--seq', type=int, nargs='+', default=[1024], help='tokens per row')
   p.add_argument('--remat', default='recipe', help="'recipe' (each preset's) or a policy name")
   p.add_argument('--loss-chunk', type=int, default=256, help='positions per loss chunk (0 = all)')
+  p.add_argument('--attention', default='xla',
+                 help="attention_impl: 'xla', or 'splash' (Pallas interpret mode on CPU: no L x L "
+                      "scores, as on the accelerators)")
   p.add_argument('--timeout', type=float, default=3600, help='seconds per device count')
   p.add_argument('--json', default='', help='also write the rows here')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
@@ -152,12 +158,13 @@ def main():
     for preset in args.presets:
       for seq in args.seq:
         print(json.dumps(measure(preset, args.batch, seq, remat=args.remat,
-                                 loss_chunk=args.loss_chunk)), flush=True)
+                                 loss_chunk=args.loss_chunk, attention=args.attention)),
+              flush=True)
     return
   rows = []
   for devices in args.devices:
     rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout, args.remat,
-                        args.loss_chunk)
+                        args.loss_chunk, args.attention)
   print(table(rows))
   if args.json:
     with open(args.json, 'w') as f:
