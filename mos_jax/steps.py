@@ -206,7 +206,10 @@ def eval_step(params, batch, *, graphdef):
 
 
 def reference_nll_step(params, batch, *, graphdef, micro_rows: int = 0):
-  """Per-example mean NLL for the theta_0 cache pass, `micro_rows` rows per forward."""
-  return in_micro_batches(lambda rows: example_nll(graphdef, params, rows)[0], batch, micro_rows)
+  """Masked token NLL [B, L] (fp32, 0 where not trained) for the theta_0 cache pass, `micro_rows`
+  rows per forward; the host averages it per example (rows may be packed)."""
+  def token_nll(rows):
+    return _forward_nll(graphdef, params, rows)[0] * rows['loss_mask']
+  return in_micro_batches(token_nll, batch, micro_rows)
 
 

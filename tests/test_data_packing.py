@@ -66,3 +66,22 @@ def test_inspect_reports_the_real_token_fraction(files):
     assert f'{100 * fractions[packing]:.1f}' in inspect_lib.report(data, fractions={'a': fractions[packing]})
     data.close()
   assert 0 < fractions[False] < 0.5 < fractions[True] <= 1.0
+
+
+@pytest.mark.parametrize('hosts', [1, 2])
+def test_packed_full_pass_names_each_tokens_example(files, hosts):
+  """The theta_0 pass: token_example_ids give every train example's tokens back, exactly once."""
+  seen = {}
+  for p in range(hosts):
+    data = build_data(_config(files, True), p, hosts)
+    for b in data.full_pass_batches('a', 4):
+      assert b['token_example_ids'].shape == b['tokens'].shape == (4 // hosts, 64)
+      for e in np.unique(b['token_example_ids']):
+        if e < 0:
+          continue
+        assert e not in seen
+        where = b['token_example_ids'] == e
+        seen[e] = b['tokens'][where].tolist()
+    want = {i: data.example('a', i)['ids'][:-1].tolist() for i in range(data.sizes[0])}
+    data.close()
+  assert seen == want

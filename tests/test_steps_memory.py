@@ -101,6 +101,8 @@ def test_reward_and_reference_passes_in_micro_batches_equal_one_pass():
                                                                   micro_rows=m))
     outs.append((reward(params, reference, batch), nll0(reference, batch)))
   (one, one0), (micro, micro0) = outs
+  mask = batch['loss_mask']  # theta_0 pass: masked token NLL; its per-row means are the rewards'.
+  one0, micro0 = (x.sum(axis=1) / np.maximum(mask.sum(axis=1), 1) for x in (one0, micro0))
   assert one['embeddings'].shape == (2, config.hidden_size) and one['nll'].shape == (2, 4)
   for key in ('nll', 'nll0', 'embeddings', 'valid'):
     np.testing.assert_allclose(micro[key], one[key], rtol=1e-5, atol=1e-6)

@@ -52,12 +52,14 @@ class DataBundle:
 
   def full_pass_batches(self, name: str, batch_size: int):
     """Every train example once, in order, batch_size // process_count rows per host and batch;
-    host p holds examples p, p + P, ... (the shard its reward batches come from)."""
+    host p holds examples p, p + P, ... (the shard its reward batches come from). Packed when
+    data.packing is on; `token_example_ids` [rows, L] names each token's example (-1 = none)."""
     s = self._s
     rows = _host_rows(batch_size, s['process_count'], 'full_pass_batches(batch_size)')
     return pipeline.finite_batches(
         self._datasets[name].train, self._index(name), rows, s['pad_id'], s['max_len'],
-        s['buckets'], s['process_index'], s['process_count'])
+        s['buckets'], s['process_index'], s['process_count'], packing=s['packing'],
+        token_example_ids=True)
 
   def fingerprint(self, name: str) -> str:
     """Hash of the tokenized train split and the settings that shaped it."""

@@ -221,24 +221,45 @@ def _next_fit(lengths, max_len: int) -> list[list[int]]:
 
 
 def pack_rows(rows: list[dict]) -> dict:
-  """Unpadded rows -> one row holding them all, segment ids 1..k (example_id -1)."""
+  """Unpadded rows -> one row holding them all, segment ids 1..k (example_id -1; each token's
+  example in `token_example_ids`)."""
   out = {key: np.concatenate([row[key] for row in rows]) for key in ('tokens', 'targets',
                                                                    'loss_mask', 'positions')}
   out['segment_ids'] = np.concatenate(
       [np.full(len(row['tokens']), k + 1, np.int32) for k, row in enumerate(rows)])
+  out['token_example_ids'] = np.concatenate(
+      [np.full(len(row['tokens']), row['example_id'], np.int32) for row in rows])
   out['example_id'] = -1
   return out
 
 
+def _with_token_example_ids(batch: dict, rows: list[dict]) -> dict:
+  """Adds `token_example_ids` [n, length]: each token's example id, -1 on padding."""
+  ids = np.full(batch['tokens'].shape, -1, np.int32)
+  for r, row in enumerate(rows):
+    per_token = row.get('token_example_ids')
+    if per_token is None:
+      per_token = np.full(len(row['tokens']), row['example_id'], np.int32)
+    k = min(len(per_token), ids.shape[1])
+    ids[r, :k] = per_token[:k]
+  batch['token_example_ids'] = ids
+  return batch
+
+
 def finite_batches(source: ExampleSource, dataset_id: int, rows_per_batch: int, pad_id: int,
                    max_len: int, buckets, process_index: int = 0, process_count: int = 1,
-                   packing: bool = False):
+                   packing: bool = False, token_example_ids: bool = False):
   """Every example of this host's shard once, in order; every host yields the same number of
   batches (ceil of the largest shard), the last padded with rows whose loss_mask is 0.
 
   With packing, consecutive examples share rows (in order); each host works out every host's
   row count from the example lengths, so all agree on the number of batches without talking.
+  `token_example_ids` adds each token's example id (-1 = padding or filler) as a [rows, L] key.
   """
+  def emit(rows):
+    batch = crop(stack(rows, max_len, pad_id), [dataset_id] * rows_per_batch, max_len, buckets)
+    return _with_token_example_ids(batch, rows) if token_example_ids else batch
+
   total = len(source)
   if total == 0:
     return
@@ -254,7 +275,7 @@ def finite_batches(source: ExampleSource, dataset_id: int, rows_per_batch: int, 
     for k in range(num_batches):
       rows = packed[k * rows_per_batch:(k + 1) * rows_per_batch]
       rows += [filler] * (rows_per_batch - len(rows))
-      yield crop(stack(rows, max_len, pad_id), [dataset_id] * rows_per_batch, max_len, buckets)
+      yield emit(rows)
     return
   largest_shard = -(-total // process_count)
   num_batches = -(-largest_shard // rows_per_batch)
@@ -262,4 +283,4 @@ def finite_batches(source: ExampleSource, dataset_id: int, rows_per_batch: int, 
     chunk = mine[k * rows_per_batch:(k + 1) * rows_per_batch]
     rows = [to_row(source[i]) for i in chunk]
     rows += [filler] * (rows_per_batch - len(rows))
-    yield crop(stack(rows, max_len, pad_id), [dataset_id] * rows_per_batch, max_len, buckets)
+    yield emit(rows)
