@@ -85,3 +85,19 @@ def test_packed_full_pass_names_each_tokens_example(files, hosts):
     want = {i: data.example('a', i)['ids'][:-1].tolist() for i in range(data.sizes[0])}
     data.close()
   assert seen == want
+
+
+@pytest.mark.parametrize('packing', [False, True])
+def test_dev_batches_agree_on_buckets_across_hosts(files, packing):
+  config = _config(files, packing)
+  config.data.buckets = (16, 24, 40)
+  hosts = [build_data(config, p, 2) for p in range(2)]
+  dev = [list(data.dev_batches('a')) for data in hosts]
+  assert len(dev[0]) == len(dev[1])
+  for pair in zip(*dev):
+    longest = max(int((b['segment_ids'] > 0).sum(axis=1).max()) for b in pair)
+    assert {b['tokens'].shape[1] for b in pair} == {min(w for w in (16, 24, 40, 64) if w >= longest)}
+  assert sorted(_segments(dev[0]) + _segments(dev[1])) == _segments(
+      build_data(_config(files, False)).dev_batches('a'))
+  for data in hosts:
+    data.close()

@@ -172,8 +172,9 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
   reward_rows = _host_rows(d.reward_batch_size, process_count, 'data.reward_batch_size')
   eval_rows = _host_rows(d.eval_batch_size, process_count, 'data.eval_batch_size')
   buckets = tuple(int(b) for b in d.buckets)
-  if buckets and process_count > 1:
-    raise ValueError('data.buckets needs a single process: hosts would pad to different lengths')
+  if buckets and process_count > 1 and d.mix_per != 'batch':
+    raise ValueError("data.buckets with several processes needs data.mix_per='batch' (hosts agree "
+                     "on a batch's length by working out each other's rows)")
   if d.demo_dir:
     demo.ensure_demo(d.demo_dir)
   tokenizer = load_tokenizer(tokenizer_path(config))
@@ -265,7 +266,15 @@ def build_data(config, process_index: int = 0, process_count: int = 1) -> DataBu
       names=tuple(names), seed=int(config.seed), rows=rows, reward_rows=reward_rows,
       max_len=d.max_len, buckets=buckets, mix_per=d.mix_per,
       process_index=process_index, process_count=process_count)
-  train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
+  row_lengths = None
+  if buckets and process_count > 1:  # Every host crops each batch to every host's longest row.
+    row_lengths = {
+        'train': [None if d.packing else pipeline.RowLengths(
+            datasets[n].train, _seed(config.seed, i, 1), process_count)
+                  for i, n in enumerate(names)],
+        'reward': [pipeline.RowLengths(datasets[n].train, _seed(config.seed, i, 2), process_count)
+                   for i, n in enumerate(names)]}
+  train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec, row_lengths))
   settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,
               'packing': bool(d.packing),
               'buckets': buckets, 'process_index': process_index, 'process_count': process_count}
