@@ -49,11 +49,11 @@ def resolve(impl: str | None, platform: str | None = None) -> str:
 def attend(q, k, v, segment_ids, impl: str | None = None):
   """Causal attention within segments; see the module docstring. Returns [B, L, N, H]."""
   interpret = jax.default_backend() == 'cpu'
-  if segment_ids is None:
-    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   kind = resolve(impl)
   if kind == 'xla':
     return _xla(q, k, v, segment_ids)
+  if segment_ids is None:
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   if kind == 'cudnn':
     if _cudnn_fits(q):
       return _cudnn_or_triton(q, k, v, segment_ids)
@@ -63,7 +63,8 @@ def attend(q, k, v, segment_ids, impl: str | None = None):
 
 
 def _xla(q, k, v, segment_ids):
-  mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, L, S]
+  mask = None if segment_ids is None else (
+      segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, L, S]
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation='xla')
 
 
