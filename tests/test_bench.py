@@ -2,7 +2,7 @@
 
 import math
 
-from mos_jax import bench
+from mos_jax import benchmark
 from mos_jax import models
 from mos_jax import perf
 from demo_run import demo_config
@@ -22,7 +22,7 @@ def test_flops_per_position_by_hand():
 
 def test_bench_json_has_every_field(tmp_path):
   config = demo_config(tmp_path, mixing__update_every=2)
-  result = bench.run_bench(config, windows=1, repeats=1)
+  result = benchmark.run_bench(config, windows=1, repeats=1)
   for key in ('device', 'devices', 'params', 'flops_per_position', 'peak_flops_per_chip',
               'peak_memory_gib', 'peak_memory_source', 'step_compile_s', 'mos_overhead_percent',
               'packing', 'max_len', 'batch_size'):
@@ -36,5 +36,5 @@ def test_bench_json_has_every_field(tmp_path):
     assert numbers['mfu'] is None and numbers['mfu_real'] is None  # No peak for a CPU.
     assert 0 < numbers['real_token_fraction'] <= 1
   assert result['peak_memory_gib'] > 0 and 'memory_analysis' in result['peak_memory_source']
-  text = bench.table(result)
+  text = benchmark.table(result)
   assert 'real_tokens_per_s' in text and 'MoS overhead' in text
