@@ -1,14 +1,20 @@
 """Per-device memory of the compiled train step under FSDP, without weights or accelerators.
 
     python benchmarks/bench_memory.py [--presets qwen1.5-0.5b gemma-2b llama-3-8b]
-        [--devices 8 16 64] [--batch 64] [--seq 1024] [--json out.json]
+        [--devices 8 16 64] [--batch 64] [--seq 1024 2048] [--remat recipe] [--loss-chunk 256]
+        [--json out.json]
 
 For each device count a subprocess simulates that many CPU devices (XLA_FLAGS), builds the
 abstract model (eval_shape), lowers the project's `steps.train_step` (forward, backward, AdamW)
 with the parameter / optimizer-state / batch shardings of `mos_jax.sharding` on a (1, N, 1)
 mesh, compiles it ahead of time and prints `compiled.memory_analysis()` per device.
-Setup: bf16 parameters and compute, fp32 AdamW moments, remat and scanned layers; the decoder
-pins its activations to batch sharding (`sharding.constrain`).
+Setup: bf16 parameters and compute, fp32 AdamW moments, scanned layers, each preset's remat
+policy in the paper recipes (`--remat recipe`; or one policy name for all), the chunked LM head +
+loss (`--loss-chunk`, 0 = one chunk); the decoder pins its activations to batch sharding
+(`sharding.constrain`). Attention is the XLA path by default (the only one XLA:CPU compiles
+natively): it holds [rows, heads, L, L] scores that the GPU/TPU kernels do not; `--attention
+splash` compiles the splash kernel in Pallas interpret mode instead (a loop over tiles), which
+estimates the kernels' footprint.
 Results and their reading: README.md, "Memory per device".
 Numbers come from the XLA:CPU compiler: its buffer assignment (and how it lowers bf16) is not
 the TPU's or GPU's, so treat them as estimates of what the sharding does, not as a guarantee.
@@ -38,7 +44,11 @@ def fp32_state(optimizer):
       optimizer.update)
 
 
-def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
+RECIPE_REMAT = {'qwen1.5-0.5b': 'save_dots_no_batch', 'gemma-2b': 'full', 'llama-3-8b': 'full'}
+
+
+def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str = 'recipe',
+            loss_chunk: int = 256, attention: str = 'xla') -> dict:
   """Lowers and compiles one train step for `preset` on all local devices; memory per device."""
   import jax
   import jax.numpy as jnp
@@ -49,8 +59,9 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
 
   cfg = config_lib.base_config()
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
-  model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat=True,
-                                   scan_layers=True)
+  remat = RECIPE_REMAT.get(preset, 'full') if remat == 'recipe' else remat
+  model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat=remat,
+                                   scan_layers=True, attention_impl=attention, loss_chunk=loss_chunk)
   abstract_model = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
@@ -88,7 +99,9 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
   return dict(
-      preset=preset, devices=n, batch=batch, seq=seq, compile_s=round(seconds, 1),
+      preset=preset, devices=n, batch=batch, seq=seq, remat=remat, loss_chunk=loss_chunk,
+      attention=attention,
+      compile_s=round(seconds, 1),
       params_b=round(models.param_count(model_config) / 1e9, 3),
       ideal_state_gib=round((param_bytes + opt_bytes) / n / GIB, 3),
       argument_gib=round(mem.argument_size_in_bytes / GIB, 3),
@@ -100,12 +113,14 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4) -> dict:
       unsharded=unsharded)
 
 
-def run_devices(devices: int, presets, batch: int, seq: int, timeout: float) -> list[dict]:
+def run_devices(devices: int, presets, batch: int, seqs, timeout: float, remat: str,
+                loss_chunk: int, attention: str) -> list[dict]:
   """One subprocess per device count: XLA_FLAGS must be set before jax starts."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   cmd = [sys.executable, os.path.abspath(__file__), '--child', '--presets', *presets,
-         '--batch', str(batch), '--seq', str(seq)]
+         '--batch', str(batch), '--seq', *map(str, seqs), '--remat', remat,
+         '--loss-chunk', str(loss_chunk), '--attention', attention]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
   if proc.returncode:
@@ -114,12 +129,13 @@ def run_devices(devices: int, presets, batch: int, seq: int, timeout: float) -> 
 
 
 def table(rows) -> str:
-  head = ('| preset | params (B) | devices | state/device, ideal (GiB) | arguments (GiB) | '
-          'temp (GiB) | peak (GiB) | compile (s) |')
-  lines = [head, '|' + '---|' * 8]
+  head = ('| preset | params (B) | devices | batch x seq | remat | attention | '
+          'state/device, ideal (GiB) | arguments (GiB) | temp (GiB) | peak (GiB) | compile (s) |')
+  lines = [head, '|' + '---|' * 11]
   for r in rows:
-    lines.append(f"| {r['preset']} | {r['params_b']} | {r['devices']} | {r['ideal_state_gib']} | "
-                 f"{r['argument_gib']} | {r['temp_gib']} | {r['peak_gib']} | {r['compile_s']} |")
+    lines.append(f"| {r['preset']} | {r['params_b']} | {r['devices']} | {r['batch']} x {r['seq']} "
+                 f"| {r['remat']} | {r.get('attention', 'xla')} | {r['ideal_state_gib']} | {r['argument_gib']} | "
+                 f"{r['temp_gib']} | {r['peak_gib']} | {r['compile_s']} |")
   return '\n'.join(lines)
 
 
@@ -128,18 +144,27 @@ def main():
   p.add_argument('--presets', nargs='+', default=['qwen1.5-0.5b', 'gemma-2b', 'llama-3-8b'])
   p.add_argument('--devices', nargs='+', type=int, default=[8, 16, 64])
   p.add_argument('--batch', type=int, default=64, help='global batch (rows)')
-  p.add_argument('--seq', type=int, default=1024, help='tokens per row')
+  p.add_argument('--seq', type=int, nargs='+', default=[1024], help='tokens per row')
+  p.add_argument('--remat', default='recipe', help="'recipe' (each preset's) or a policy name")
+  p.add_argument('--loss-chunk', type=int, default=256, help='positions per loss chunk (0 = all)')
+  p.add_argument('--attention', default='xla',
+                 help="attention_impl: 'xla', or 'splash' (Pallas interpret mode on CPU: no L x L "
+                      "scores, as on the accelerators)")
   p.add_argument('--timeout', type=float, default=3600, help='seconds per device count')
   p.add_argument('--json', default='', help='also write the rows here')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     for preset in args.presets:
-      print(json.dumps(measure(preset, args.batch, args.seq)), flush=True)
+      for seq in args.seq:
+        print(json.dumps(measure(preset, args.batch, seq, remat=args.remat,
+                                 loss_chunk=args.loss_chunk, attention=args.attention)),
+              flush=True)
     return
   rows = []
   for devices in args.devices:
-    rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout)
+    rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout, args.remat,
+                        args.loss_chunk, args.attention)
   print(table(rows))
   if args.json:
     with open(args.json, 'w') as f:

@@ -18,10 +18,12 @@ def get_config():
   c.seed = 0  # Fixed so the demo is reproducible.
 
   c.model.preset = 'tiny'  # A few hundred thousand parameters, llama family.
+  c.model.scan_layers = True  # Scanned layers (as every recipe).
 
   c.data.demo_dir = 'runs/demo_data'  # Skills and tokenizer are generated here if missing.
   c.data.tokenizer = 'runs/demo_data/tokenizer'  # The demo's byte-level tokenizer.
   c.data.max_len = 128  # Demo examples are short.
+  c.data.packing = True  # Several short examples per row (segment ids keep them apart).
   c.data.reward_batch_size = 16  # Examples per skill for each reward (released code: 16).
   c.data.eval_batch_size = 32  # Dev batches of 32.
   for name, entry in demo.config_entries('runs/demo_data').items():

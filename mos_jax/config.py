@@ -18,9 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.hf_checkpoint = ''  # Local Hugging Face folder (config.json + safetensors) to fine-tune.
   c.model.param_dtype = 'float32'  # Dtype the parameters are stored and updated in.
   c.model.dtype = 'float32'  # Compute dtype of activations ('bfloat16' on accelerators).
-  c.model.remat = False  # Rematerialise each decoder layer in the backward pass (saves memory).
-  c.model.scan_layers = False  # Scan over layers (faster compiles for deep models).
-  c.model.attention_impl = ''  # jax.nn.dot_product_attention implementation: '' (auto), 'xla', 'cudnn'.
+  c.model.remat = 'none'  # Per-layer recomputation in the backward pass: 'none', 'full', 'save_dots', 'save_dots_no_batch' (jax.checkpoint_policies).
+  c.model.scan_layers = True  # Scan over stacked layers (compiles once per layer kind, not per layer).
+  c.model.attention_impl = ''  # Attention kernel: '' (auto: splash on TPU, cudnn on GPU, xla elsewhere), 'xla', 'cudnn', 'triton', 'splash'.
+  c.model.loss_chunk = 256  # Positions per LM-head + cross-entropy chunk: no full [B, L, V] fp32 logits (0 = one chunk).
 
   c.data = ml_collections.ConfigDict()
   c.data.tokenizer = ''  # Local tokenizer folder; '' = the model.hf_checkpoint folder.
@@ -34,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mix_per = 'batch'  # 'batch': one dataset per batch (Algorithm 1); 'example': per example.
   c.data.on_error = 'raise'  # Malformed records: 'raise' (name file and line) or 'skip' (counted).
   c.data.reward_batch_size = 16  # Examples per dataset in each reward batch (COSSIM/DIFF).
+  c.data.reward_micro_batch = 0  # Rows per forward in the reward and theta_0 passes (0 = all at once); must divide them.
+  c.data.prefetch = 2  # Training batches prepared and put on the devices ahead, in a background thread (0 = inline).
   c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
   c.data.demo_dir = ''  # Where demo skills are generated when a recipe uses them ('' = none).
   c.data.root = ''  # Folder that relative dataset paths/dev_paths are read from ('' = as given).
@@ -63,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # Checkpoints kept on disk.
   c.train.async_checkpoints = True  # Write checkpoints in the background.
   c.train.restore_fallback = False  # If the latest checkpoint is unreadable, set it aside and resume from an older one.
+  c.train.compilation_cache = '~/.cache/mos_jax/jax'  # jax's persistent compilation cache folder ('' = off): repeated and resumed runs skip compiling.
   c.train.progress_bar = True  # Show a tqdm progress bar on process 0.
 
   c.mixing = ml_collections.ConfigDict()

@@ -12,7 +12,8 @@ import math
 import os
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-ATTENTION_IMPLS = ('', 'xla', 'cudnn')
+ATTENTION_IMPLS = ('', 'xla', 'cudnn', 'triton', 'splash')
+REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch', True, False)
 
 
 def _problems(config) -> list[str]:
@@ -51,6 +52,8 @@ def _problems(config) -> list[str]:
   need(m.param_dtype in DTYPES, 'model.param_dtype', f'must be one of {DTYPES}')
   need(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',
        f'must be one of {ATTENTION_IMPLS}')
+  need(m.remat in REMAT, 'model.remat', f'must be one of {REMAT[:4]}')
+  number('model.loss_chunk', 0, integer=True)
 
   number('data.max_len', 2, integer=True)
   need(d.truncation in ('truncate', 'drop'), 'data.truncation', "must be 'truncate' or 'drop'")
@@ -59,6 +62,8 @@ def _problems(config) -> list[str]:
   number('data.num_workers', 0, integer=True)
   number('data.reward_batch_size', 1, integer=True)
   number('data.eval_batch_size', 1, integer=True)
+  number('data.reward_micro_batch', 0, integer=True)
+  number('data.prefetch', 0, integer=True)
   buckets = list(d.buckets)
   need(all(isinstance(b, int) and 0 < b <= d.max_len for b in buckets)
        and buckets == sorted(set(buckets)), 'data.buckets',

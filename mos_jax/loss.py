@@ -1,7 +1,11 @@
-"""Token-level negative log-likelihood with an explicit weight mask."""
+"""Token-level negative log-likelihood with an explicit weight mask, and the chunked LM head."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from mos_jax import sharding as sharding_lib
 
 
 def token_nll(logits, targets):
@@ -26,3 +30,69 @@ def per_example_mean_nll(nll, loss_mask):
 def per_dataset_sums(row_values, dataset_ids, num_datasets):
   """Adds row values into their dataset's slot: [B] -> [N]."""
   return jax.ops.segment_sum(row_values, dataset_ids, num_segments=num_datasets)
+
+
+def lm_head(hidden, weight, vocab_first: bool, dtype):
+  """Logits [.., V] fp32 from hidden [.., D] and the LM head: [V, D] (tied) or [D, V], multiplied
+  in the compute dtype with fp32 accumulation."""
+  spec = '...D,VD->...V' if vocab_first else '...D,DV->...V'
+  logits = jnp.einsum(spec, hidden, weight.astype(dtype), preferred_element_type=jnp.float32)
+  return sharding_lib.constrain(logits, 'batch', *([None] * (logits.ndim - 2)), 'vocab')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunk_nll(hidden, weight, targets, vocab_first, dtype):
+  """NLL [B, C] of one chunk of positions; its backward recomputes the chunk's logits."""
+  return token_nll(lm_head(hidden, weight, vocab_first, dtype), targets)
+
+
+def _chunk_nll_fwd(hidden, weight, targets, vocab_first, dtype):
+  logits = lm_head(hidden, weight, vocab_first, dtype)  # [B, C, V] fp32, this chunk only.
+  log_norm = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
+  nll = log_norm - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return nll, (hidden, weight, targets, log_norm)
+
+
+def _chunk_nll_bwd(vocab_first, dtype, residuals, g):  # g [B, C]
+  hidden, weight, targets, log_norm = residuals
+  logits = lm_head(hidden, weight, vocab_first, dtype)
+  probs = jnp.exp(logits - log_norm[..., None])
+  d_logits = (probs - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * g[..., None]
+  d_logits = d_logits.astype(dtype)  # The LM-head backward matmuls run in the compute dtype.
+  w = weight.astype(dtype)
+  if vocab_first:
+    d_hidden = jnp.einsum('BCV,VD->BCD', d_logits, w, preferred_element_type=jnp.float32)
+    d_weight = jnp.einsum('BCV,BCD->VD', d_logits, hidden, preferred_element_type=jnp.float32)
+  else:
+    d_hidden = jnp.einsum('BCV,DV->BCD', d_logits, w, preferred_element_type=jnp.float32)
+    d_weight = jnp.einsum('BCD,BCV->DV', hidden, d_logits, preferred_element_type=jnp.float32)
+  return d_hidden.astype(hidden.dtype), d_weight.astype(weight.dtype), None
+
+
+_chunk_nll.defvjp(_chunk_nll_fwd, _chunk_nll_bwd)
+
+
+def chunked_token_nll(hidden, weight, targets, *, vocab_first: bool, dtype, chunk: int):
+  """token_nll(lm_head(hidden, weight)) without [B, L, V] logits in the forward or backward pass.
+
+  hidden [B, L, D], targets [B, L] -> [B, L] fp32. Positions are taken `chunk` at a time
+  (0 = all at once) by a scan: each step holds one [B, chunk, V] fp32 block, and the backward pass
+  recomputes it rather than storing it. The head's gradient is summed over chunks in fp32 (the
+  weight enters the scan as fp32).
+  """
+  b, length, d = hidden.shape
+  c = length if chunk <= 0 else min(chunk, length)
+  n = -(-length // c)
+  if n * c != length:  # Pad positions to whole chunks; padded targets are dropped below.
+    hidden = jnp.pad(hidden, ((0, 0), (0, n * c - length), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, n * c - length)))
+  weight32 = weight.astype(jnp.float32)
+  hidden = hidden.reshape(b, n, c, d).swapaxes(0, 1)  # [n, B, c, D]
+  targets = targets.reshape(b, n, c).swapaxes(0, 1)  # [n, B, c]
+
+  def step(_, chunk_in):
+    h, t = chunk_in
+    return None, _chunk_nll(h, weight32, t, vocab_first, jnp.dtype(dtype))
+
+  _, nll = jax.lax.scan(step, None, (hidden, targets))  # [n, B, c]
+  return nll.swapaxes(0, 1).reshape(b, n * c)[:, :length]

@@ -57,13 +57,18 @@ def paper_config(model: str, reward: str = 'cossim', strategy: str = 'mos',
   c = base_config()
   c.model.hf_checkpoint = spec['hf_checkpoint']  # Local copy of spec['hub_id'] (see MODELS).
   c.model.dtype = 'bfloat16'  # Accelerator compute dtype; parameters and AdamW stay float32.
-  c.model.remat = model != 'qwen'  # Gemma-2B/Llama-3-8B activations need recomputation at 2K tokens.
+  # Qwen keeps the projections' outputs (recomputes attention and elementwise ops); Gemma-2B and
+  # Llama-3-8B recompute whole layers (README "Memory per device").
+  c.model.remat = 'save_dots_no_batch' if model == 'qwen' else 'full'
+  c.model.scan_layers = True  # One compiled layer body, scanned.
   c.data.template = spec['template']  # Base checkpoints ship no chat template: use the family's.
   c.data.max_len = 2048  # Not stated in the paper; fits most multi-turn ShareGPT conversations.
   # 64 examples per dataset for the scorer update (§4.1 "batch size of 64"); the released code
   # uses 16 for DIFF, e.g. --config.data.reward_batch_size=16 to match it.
   c.data.reward_batch_size = 64
   c.data.root = PAPER_DATA_ROOT  # The prepared folder (python -m mos_jax.data.prepare paper).
+  c.data.reward_micro_batch = 16  # 256 reward rows (and theta_0 batches of 16) in forwards of 16.
+  c.data.packing = True  # SFT examples are mostly far shorter than 2048 tokens: pack them.
   c.data.datasets = paper_datasets()  # MathInstruct, MedInstruct, ShareGPT, P3 (Table 1).
   c.train.epochs = PAPER_EPOCHS  # §4.1: 3 epochs; steps follow from the prepared sizes at start.
   c.train.steps = paper_steps()  # Used only with epochs=0: 3 epochs of Table 1's 103.3K at 64.

@@ -58,13 +58,20 @@ def load_or_compute(cache_dir: str, data, key: str, nll_fn: Callable, to_global:
       raise FileNotFoundError(f'{path}: process 0 has the theta_0 NLL cache but process '
                               f'{jax.process_index()} cannot read it; use a workdir every host '
                               f'sees, or delete the cache to recompute it.')
-    table = np.full((data.sizes[data.names.index(name)],), np.nan, np.float32)
-    for batch in data.full_pass_batches(name, batch_size):
+    size = data.sizes[data.names.index(name)]
+    sums, counts, seen = np.zeros(size), np.zeros(size), np.zeros(size, bool)
+    for batch in data.full_pass_batches(name, batch_size):  # Rows may pack several examples.
       global_batch = to_global(batch)
-      nll, ids = nll_fn(global_batch), global_batch['example_ids']
-      nll, ids = multihost_utils.process_allgather((nll, ids), tiled=True)
-      keep = np.asarray(ids) >= 0  # Padding rows of the last batch carry id -1.
-      table[np.asarray(ids)[keep]] = np.asarray(nll)[keep]
+      token_nll = nll_fn(global_batch)  # [B, L], 0 where not trained
+      got = multihost_utils.process_allgather(
+          (token_nll, global_batch['token_example_ids'], global_batch['loss_mask']), tiled=True)
+      token_nll, ids, mask = (np.asarray(x).reshape(-1) for x in got)
+      keep = ids >= 0  # Padding and the last batch's filler rows carry id -1.
+      sums += np.bincount(ids[keep], weights=token_nll[keep], minlength=size)
+      counts += np.bincount(ids[keep], weights=mask[keep], minlength=size)
+      seen[ids[keep]] = True
+    # Mean over each example's trained tokens (0 without any, as steps.example_nll gives).
+    table = np.where(seen, sums / np.maximum(counts, 1.0), np.nan).astype(np.float32)
     if np.isnan(table).any():
       missing = int(np.isnan(table).sum())
       raise RuntimeError(f'theta_0 NLL pass over dataset {name!r} missed {missing} examples.')

@@ -52,15 +52,21 @@ def learning_rate(train_config, step):
   return train_config.lr * max(0.0, 1.0 - (step - warmup) / max(steps - warmup, 1))
 
 
-def _forward(graphdef, params, batch):
+def _forward_nll(graphdef, params, batch):
+  """Per-token NLL [B, L] fp32 and final hidden states [B, L, D], through the chunked LM head
+  (no [B, L, V] logits; the model's loss_chunk sets the chunk)."""
   model = nnx.merge(graphdef, params)
-  return model(batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'])
+  hidden = model.hidden_states(model.embed_tokens(batch['tokens']), positions=batch['positions'],
+                               segment_ids=batch['segment_ids'])
+  weight, vocab_first = model.head_weight()
+  nll = loss_lib.chunked_token_nll(hidden, weight, batch['targets'], vocab_first=vocab_first,
+                                   dtype=model.config.dtype, chunk=model.config.loss_chunk)
+  return nll, hidden
 
 
 def _sum_loss(params, graphdef, batch, num_datasets):
   """Sum of masked token NLL (differentiated), and per-dataset sums for the metrics."""
-  out = _forward(graphdef, params, batch)
-  nll = loss_lib.token_nll(out.logits, batch['targets'])  # [B, L]
+  nll, _ = _forward_nll(graphdef, params, batch)  # [B, L]
   row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])  # [B], [B]
   aux = {
       'tokens': row_tokens.sum(),
@@ -119,6 +125,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
       'loss': loss,
       'grad_norm': grad_norm,
       'tokens': aux['tokens'],
+      # Positions that hold a real token (not padding), and all positions: perf/real_token_fraction.
+      'real_tokens': (batch['segment_ids'] > 0).sum().astype(jnp.float32),
+      'positions': jnp.asarray(batch['segment_ids'].size, jnp.float32),
       'dataset_nll': aux['dataset_nll'],
       'dataset_tokens': aux['dataset_tokens'],
       'finite': finite,
@@ -129,31 +138,61 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
 
 def example_nll(graphdef, params, batch):
   """Per-row mean NLL over trained tokens and the final hidden states, from one forward."""
-  out = _forward(graphdef, params, batch)
-  nll = loss_lib.token_nll(out.logits, batch['targets'])
+  nll, hidden = _forward_nll(graphdef, params, batch)
   mean_nll, valid = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
-  return mean_nll, valid, out.hidden
+  return mean_nll, valid, hidden
+
+
+def in_micro_batches(fn, batch, micro_rows: int):
+  """fn(batch) -> a tree of [rows, ...] arrays, computed `micro_rows` rows at a time (0 = all).
+
+  Micro-batch i holds rows i, i + M, ... (M micro-batches): with rows sharded in contiguous blocks
+  over the devices, every micro-batch stays spread over all of them. Rows come back in order.
+  """
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  if not micro_rows or micro_rows >= rows:
+    return fn(batch)
+  if rows % micro_rows:
+    raise ValueError(f'data.reward_micro_batch={micro_rows} does not divide the {rows} rows of a '
+                     f'reward / theta_0 batch.')
+  m = rows // micro_rows
+  split = jax.tree.map(lambda x: x.reshape((micro_rows, m) + x.shape[1:]).swapaxes(0, 1), batch)
+  out = jax.lax.map(fn, split)  # leaves [M, micro_rows, ...]
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((rows,) + y.shape[2:]), out)
 
 
 def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
-                with_embeddings: bool = True):
+                with_embeddings: bool = True, micro_rows: int = 0):
   """The reward forward over one batch from every dataset (rows grouped by dataset).
 
   batch leaves are [b * N, ...], example-major (row j * N + i is example j of dataset i), so that
   host-local blocks concatenate into the same layout on any number of hosts. Returns per-dataset
   pooled embeddings [N, D] (Eq. 7) and per-example mean NLL [N, b] under theta; and under theta_0
   either from `reference_params` (kept on device) or from the batch's cached `nll0` rows.
+  Forwards run `micro_rows` rows at a time (0 = all rows at once).
   """
-  nll, valid, hidden = example_nll(graphdef, params, batch)
+  def per_row(rows):
+    nll, valid, hidden = example_nll(graphdef, params, rows)
+    out = {'nll': nll, 'valid': valid}
+    if with_embeddings:  # Eq. 7's mean over each example's tokens: [r, D] fp32.
+      token_mask = (rows['segment_ids'] > 0).astype(jnp.float32)
+      count = token_mask.sum(axis=1)
+      out['row_embedding'] = jnp.einsum('BLD,BL->BD', hidden.astype(jnp.float32), token_mask
+                                        ) / jnp.maximum(count, 1.0)[:, None]
+      out['row_has_tokens'] = (count > 0).astype(jnp.float32)
+    if reference_params is not None:
+      out['nll0'], _, _ = example_nll(graphdef, reference_params, rows)
+    return out
+
+  rows = in_micro_batches(per_row, batch, micro_rows)
   per_dataset = lambda x: x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
-  out = {'nll': per_dataset(nll), 'valid': per_dataset(valid)}
-  if with_embeddings:
-    token_mask = (batch['segment_ids'] > 0).astype(jnp.float32)
+  out = {'nll': per_dataset(rows['nll']), 'valid': per_dataset(rows['valid'])}
+  if with_embeddings:  # Then the mean over each dataset's examples (one "token" per row).
     out['embeddings'] = jax.vmap(rewards.pooled_embedding)(
-        per_dataset(hidden.astype(jnp.float32)), per_dataset(token_mask))  # [N, D]
+        per_dataset(rows['row_embedding'][:, None, :]),
+        per_dataset(rows['row_has_tokens'][:, None]))  # [N, D]
   if reference_params is not None:
-    nll0, _, _ = example_nll(graphdef, reference_params, batch)
-    out['nll0'] = per_dataset(nll0)
+    out['nll0'] = per_dataset(rows['nll0'])
   elif 'nll0' in batch:
     out['nll0'] = per_dataset(batch['nll0'])
   return out
@@ -161,15 +200,16 @@ def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
 
 def eval_step(params, batch, *, graphdef):
   """Summed masked NLL and trained-token count of a dev batch (token-weighted dev loss)."""
-  out = _forward(graphdef, params, batch)
-  nll = loss_lib.token_nll(out.logits, batch['targets'])
+  nll, _ = _forward_nll(graphdef, params, batch)
   row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])
   return row_nll.sum(), row_tokens.sum()
 
 
-def reference_nll_step(params, batch, *, graphdef):
-  """Per-example mean NLL for the theta_0 cache pass."""
-  nll, _, _ = example_nll(graphdef, params, batch)
-  return nll
+def reference_nll_step(params, batch, *, graphdef, micro_rows: int = 0):
+  """Masked token NLL [B, L] (fp32, 0 where not trained) for the theta_0 cache pass, `micro_rows`
+  rows per forward; the host averages it per example (rows may be packed)."""
+  def token_nll(rows):
+    return _forward_nll(graphdef, params, rows)[0] * rows['loss_mask']
+  return in_micro_batches(token_nll, batch, micro_rows)
 
 

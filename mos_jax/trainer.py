@@ -28,6 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mos_jax import checkpoint as checkpoint_lib
+from mos_jax import compilation_cache
 from mos_jax import config as config_lib
 from mos_jax import config_check
 from mos_jax import console
@@ -45,6 +46,7 @@ from mos_jax import steps
 from mos_jax import workdir_lock
 from mos_jax.data import bundle as data_lib
 from mos_jax.data import build_data
+from mos_jax.data import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class Run:
 def _build_model(config, mesh, vocab_size: int):
   m = config.model
   options = {'dtype': m.dtype, 'param_dtype': m.param_dtype, 'remat': m.remat,
-             'scan_layers': m.scan_layers, 'attention_impl': m.attention_impl or None}
+             'scan_layers': m.scan_layers, 'attention_impl': m.attention_impl or None,
+             'loss_chunk': m.loss_chunk}
   if m.hf_checkpoint:
     model = models.load_hf(m.hf_checkpoint, mesh=mesh, **options)
   else:
@@ -143,7 +146,8 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
                                out_shardings=param_shardings)(initial_params)
   reward_step = jax.jit(
       functools.partial(steps.reward_step, graphdef=graphdef, num_datasets=len(data.names),
-                        with_embeddings=strategy.needs_embeddings),
+                        with_embeddings=strategy.needs_embeddings,
+                        micro_rows=config.data.reward_micro_batch),
       in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
                     None), out_shardings=replicated)
   reward_fn = lambda params, batch: reward_step(params, reference_params, batch)
@@ -156,7 +160,8 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
 
   mixing_fn = jax.jit(mixing_update, out_shardings=replicated)
   if strategy.needs_reference and reference == 'cache':
-    nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef),
+    nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef,
+                                         micro_rows=config.data.reward_micro_batch),
                        in_shardings=(param_shardings, None), out_shardings=replicated)
     with jax.set_mesh(mesh):
       reference_tables = reference_lib.load_or_compute(
@@ -219,6 +224,7 @@ def build(config, workdir: str) -> Run:
   config_check.validate(config)
   workdir = _checked_workdir(workdir)
   distributed.initialize()
+  compilation_cache.enable(config.train.compilation_cache)
   is_main = distributed.is_main_process()
   lock = workdir_lock.WorkdirLock(workdir).acquire() if is_main else None
   try:
@@ -392,10 +398,11 @@ class _Window:
   Non-finite (skipped) steps are left out of the losses; their count is logged separately.
   """
 
-  def __init__(self, names, train_config, first_step, pending=()):
-    self.names, self.train_config = names, train_config
+  def __init__(self, names, train_config, first_step, feed, check, pending=()):
+    self.names, self.train_config, self.feed, self.check = names, train_config, feed, check
     self.pending = list(pending)  # Restored from a checkpoint written between two log steps.
     self.start, self.first_step = time.perf_counter(), first_step
+    self.waited = feed.wait_s  # The loop's total wait for batches at the window's start.
 
   def add(self, metrics):
     self.pending.append(metrics)
@@ -410,8 +417,12 @@ class _Window:
     self.start += seconds
 
   def flush(self, step: int, skipped_steps: int) -> dict[str, float]:
-    got = [m for m in jax.device_get(self.pending) if m['finite']]
+    pending = jax.device_get(self.pending)  # Metrics are read here only: the device never waits.
+    for m in pending:
+      self.check(m)
+    got = [m for m in pending if m['finite']]
     elapsed, steps_done = time.perf_counter() - self.start, max(1, step - self.first_step)
+    waited, self.waited = self.feed.wait_s - self.waited, self.feed.wait_s
     self.pending, self.start, self.first_step = [], time.perf_counter(), step
     tokens = sum(float(m['tokens']) for m in got)
     ds_nll = sum((m['dataset_nll'] for m in got), np.zeros(len(self.names)))
@@ -423,6 +434,11 @@ class _Window:
            'train/lr': steps.learning_rate(self.train_config, step - 1 - skipped_steps),
            'train/skipped_steps': skipped_steps,
            'perf/tokens_per_s': tokens / max(elapsed, 1e-9),
+           'perf/real_token_fraction': (sum(float(m['real_tokens']) for m in got)
+                                        / max(sum(float(m['positions']) for m in got), 1.0)),
+           'perf/real_tokens_per_s': (sum(float(m['real_tokens']) for m in got)
+                                      / max(elapsed, 1e-9)),
+           'perf/data_wait_fraction': waited / max(elapsed, 1e-9),
            'perf/step_s': elapsed / steps_done}
     for i, name in enumerate(self.names):
       if ds_tokens[i] > 0:
@@ -463,29 +479,29 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
     say(_eval_text(0, first, names))
     run.writer.write(0, {**first, **_mixture_metrics(current_probs(run), names)})
 
-  window = _Window(names, tc, run.start_step, run.window)
-  previous = None  # The last step's metrics, read one step late so the device never idles.
+  updates_after = lambda step: (run.strategy.updates_scorer
+                                 and (step - 1) % config.mixing.update_every == 0)
+  feed = prefetch.Prefetcher(data.train, functools.partial(distributed.host_local_to_global,
+                                                           mesh=run.mesh),
+                             run.start_step + 1, tc.steps, config.data.prefetch, updates_after)
+  window = _Window(names, tc, run.start_step, feed, functools.partial(_check_finite, run),
+                   run.window)
   try:
     for step in range(run.start_step + 1, tc.steps + 1):
-      batch = next(data.train)
-      run.state, metrics = run.train_fn(run.state,
-                                        distributed.host_local_to_global(batch, run.mesh))
+      run.state, metrics = run.train_fn(run.state, feed.next(step))
       window.add(metrics)
-      if previous is not None:
-        _check_finite(run, previous)
-      previous = metrics
 
       line = {}
       # Algorithm 1 counts t = 0..T and updates psi after the theta update when t % S == 0; our
       # step is t + 1, so the scorer moves after steps 1, S + 1, 2S + 1, ...
-      if run.strategy.updates_scorer and (step - 1) % config.mixing.update_every == 0:
+      if updates_after(step):
         line.update(update_mixture(run))
         data.train.set_probabilities(current_probs(run))
+        feed.resume()
       last = step == tc.steps
       checkpoint_now = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last
       # Windows also restart at checkpoints, so a resumed run logs what an uninterrupted one does.
       if step % tc.log_every == 0 or checkpoint_now:
-        _check_finite(run, metrics)
         line.update(window.flush(step, int(jax.device_get(run.state.skipped_steps))))
       paused = time.perf_counter()
       if (tc.eval_every and step % tc.eval_every == 0) or last:
@@ -493,7 +509,7 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
         say(_eval_text(step, dev, names))
         line.update(dev)
       if checkpoint_now:
-        _save(run, step, run.meta, say)
+        _save(run, step, feed, run.meta, say)  # The loader position of step + 1.
       window.pause(time.perf_counter() - paused)
       if line:
         line.update(_mixture_metrics(current_probs(run), names))  # Every line has the mixture.
@@ -505,11 +521,12 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
       if not last and stop.at(step):
         # The window's unlogged steps travel in the checkpoint, so the resumed run logs exactly
         # what an uninterrupted one does.
-        saved = _save(run, step, {**run.meta, 'window': window.to_json()}, say)
+        saved = _save(run, step, feed, {**run.meta, 'window': window.to_json()}, say)
         run.checkpointer.wait()  # Durable before the process exits.
         run.stopped_by, run.exit_code = stop.name, stop.exit_code
         break
   finally:
+    feed.close()
     if progress is not None:
       progress.close()
     run.checkpointer.wait()
@@ -581,13 +598,13 @@ def _check_same_data(saved: dict, current: dict, workdir: str):
                        f'stopped. Restore the data and settings, or use a new workdir.')
 
 
-def _save(run: Run, step: int, meta: dict, say) -> bool:
+def _save(run: Run, step: int, loader, meta: dict, say) -> bool:
   """Starts a checkpoint of `step` unless the latest update was non-finite (then the state is
   the last good one, but resuming from it would repeat the streak's start: keep the older one)."""
   if int(jax.device_get(run.state.bad_steps)):
     say(f'warning: step {step} is not checkpointed: its update was non-finite (skipped).')
     return False
-  run.checkpointer.save(step, run.state, run.data.train, meta)
+  run.checkpointer.save(step, run.state, loader, meta)
   run.saved_step = step
   return True
 

@@ -44,22 +44,26 @@ class DataBundle:
     return self.names.index(name)
 
   def dev_batches(self, name: str):
-    """This host's eval_batch_size // process_count rows per batch over the dev split, in order."""
+    """This host's eval_batch_size // process_count rows per batch over the dev split, in order
+    (packed like training rows when data.packing is on: the dev loss is a token-weighted sum)."""
     s = self._s
     return pipeline.finite_batches(
         self._datasets[name].dev, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
-        s['buckets'], s['process_index'], s['process_count'])
+        s['buckets'], s['process_index'], s['process_count'], packing=s['packing'])
 
   def full_pass_batches(self, name: str, batch_size: int, examples=None):
     """Every train example once, in order, batch_size // process_count rows per host and batch;
-    host p holds examples p, p + P, ... (the shard its reward batches come from). `examples`, an
-    ExampleSource aligned with the train split (e.g. a variant of each example), replaces it."""
+    host p holds examples p, p + P, ... (the shard its reward batches come from). Packed when
+    data.packing is on; `token_example_ids` [rows, L] names each token's example (-1 = none).
+    `examples`, an ExampleSource aligned with the train split (e.g. a variant of each example),
+    replaces it."""
     s = self._s
     rows = _host_rows(batch_size, s['process_count'], 'full_pass_batches(batch_size)')
     source = self._datasets[name].train if examples is None else examples
     return pipeline.finite_batches(
         source, self._index(name), rows, s['pad_id'], s['max_len'],
-        s['buckets'], s['process_index'], s['process_count'])
+        s['buckets'], s['process_index'], s['process_count'], packing=s['packing'],
+        token_example_ids=True)
 
   def fingerprint(self, name: str) -> str:
     """Hash of the tokenized train split and the settings that shaped it."""
@@ -242,8 +246,9 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
   reward_rows = _host_rows(d.reward_batch_size, process_count, 'data.reward_batch_size')
   eval_rows = _host_rows(d.eval_batch_size, process_count, 'data.eval_batch_size')
   buckets = tuple(int(b) for b in d.buckets)
-  if buckets and process_count > 1:
-    raise ValueError('data.buckets needs a single process: hosts would pad to different lengths')
+  if buckets and process_count > 1 and d.mix_per != 'batch':
+    raise ValueError("data.buckets with several processes needs data.mix_per='batch' (hosts agree "
+                     "on a batch's length by working out each other's rows)")
   if d.demo_dir:
     demo.ensure_demo(d.demo_dir)
   tokenizer = load_tokenizer(tokenizer_path(config))
@@ -330,8 +335,17 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
       names=tuple(names), seed=int(config.seed), rows=rows, reward_rows=reward_rows,
       max_len=d.max_len, buckets=buckets, mix_per=d.mix_per,
       process_index=process_index, process_count=process_count)
-  train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
+  row_lengths = None
+  if buckets and process_count > 1:  # Every host crops each batch to every host's longest row.
+    row_lengths = {
+        'train': [None if d.packing else pipeline.RowLengths(
+            datasets[n].train, _seed(config.seed, i, 1), process_count)
+                  for i, n in enumerate(names)],
+        'reward': [pipeline.RowLengths(datasets[n].train, _seed(config.seed, i, 2), process_count)
+                   for i, n in enumerate(names)]}
+  train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec, row_lengths))
   settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,
+              'packing': bool(d.packing),
               'buckets': buckets, 'process_index': process_index, 'process_count': process_count}
   return DataBundle(names, datasets, tokenizer, stats, train, settings)
 

@@ -89,13 +89,16 @@ class MixtureIterDataset(grain.IterDataset):
   """Parents: one training stream per dataset, then one reward stream per dataset."""
 
   def __init__(self, train: Sequence[grain.IterDataset], reward: Sequence[grain.IterDataset],
-               spec: MixtureSpec):
+               spec: MixtureSpec, row_lengths: dict | None = None):
+    """`row_lengths` ({'train': [...], 'reward': [...]} of pipeline.RowLengths, one per dataset,
+    None where rows are packed to max_len) lets every host crop to the same bucket."""
     if spec.mix_per not in MIX_PER:
       raise ValueError(f'data.mix_per must be one of {MIX_PER}, got {spec.mix_per!r}')
     if not len(train) == len(reward) == len(spec.names):
       raise ValueError('one training and one reward stream per dataset are needed')
     super().__init__(list(train) + list(reward))
     self.spec = spec
+    self.row_lengths = row_lengths
 
   def __iter__(self) -> 'MixtureIterator':
     return MixtureIterator(self)
@@ -116,6 +119,16 @@ class MixtureIterator(grain.DatasetIterator):
     self._reward = [BlockReader(it) for it in iterators[n:]]
     self._step = 0
     self._probs = np.full(n, 1.0 / n)
+    # With several hosts and buckets: rows taken so far per stream (the same on every host).
+    self._lengths = ds.row_lengths
+    self._taken = {'train': [0] * n, 'reward': [0] * n}
+
+  def _longest(self, kind: str, dataset: int, rows: int) -> int | None:
+    """The longest of the next `rows` rows of every host's stream (None: crop to this host's)."""
+    lengths = self._lengths[kind][dataset] if self._lengths else None
+    start = self._taken[kind][dataset]
+    self._taken[kind][dataset] += rows
+    return lengths.longest(start, rows) if lengths is not None else None
 
   @property
   def step(self) -> int:
@@ -144,7 +157,9 @@ class MixtureIterator(grain.DatasetIterator):
     s = self._spec
     dataset_ids = self.draw(self._step)
     first = int(dataset_ids[0])
+    longest = None
     if (dataset_ids == first).all():
+      longest = self._longest('train', first, s.rows)
       block = self._train[first].take(s.rows)
     else:  # Per-example mixing: each dataset's rows go where the draw put them.
       block = {}
@@ -156,16 +171,17 @@ class MixtureIterator(grain.DatasetIterator):
             block[key] = np.empty((s.rows,) + value.shape[1:], value.dtype)
           block[key][where] = value
     self._step += 1
-    return pipeline.crop(block, dataset_ids, s.max_len, s.buckets)
+    return pipeline.crop(block, dataset_ids, s.max_len, s.buckets, longest)
 
   def reward_batches(self) -> dict[str, dict]:
     """One batch of reward_batch_size (host-local) rows per dataset, from the reward streams."""
     self._assert_not_closed()
     out = {}
     for i, name in enumerate(self._spec.names):
+      longest = self._longest('reward', i, self._spec.reward_rows)
       block = self._reward[i].take(self._spec.reward_rows)
       out[name] = pipeline.crop(block, [i] * self._spec.reward_rows, self._spec.max_len,
-                                self._spec.buckets)
+                                self._spec.buckets, longest)
     return out
 
   def get_state(self) -> dict:
@@ -176,6 +192,7 @@ class MixtureIterator(grain.DatasetIterator):
         'probabilities': self._probs.tolist(),
         'train': {n: it.get_state() for n, it in zip(names, self._train)},
         'reward': {n: it.get_state() for n, it in zip(names, self._reward)},
+        'taken': {k: list(v) for k, v in self._taken.items()},
     }
 
   def set_state(self, state: dict) -> None:
@@ -187,6 +204,9 @@ class MixtureIterator(grain.DatasetIterator):
     for n, it in zip(names, self._reward):
       it.set_state(state['reward'][n])
     self._step = int(state['step'])
+    n = len(names)
+    self._taken = {k: list(v) for k, v in state.get('taken', {'train': [0] * n,
+                                                             'reward': [0] * n}).items()}
     self._probs = check_probabilities(state['probabilities'], len(names))
 
   def __str__(self) -> str:

@@ -91,6 +91,32 @@ class ShuffledRows(grain.MapDataset):
     return [self._row(i) for i in indices]
 
 
+class RowLengths:
+  """The lengths of every host's rows in ShuffledRows order, from the example offsets alone.
+
+  With several processes and `data.buckets`, every host must crop a batch to the same length:
+  each host works out the other hosts' rows (same seeds, their shards) instead of asking them.
+  """
+
+  def __init__(self, source: ExampleSource, seed: int, process_count: int):
+    self._lengths = np.diff(source._offsets) - 1  # Positions per row.  # pylint: disable=protected-access
+    self._shards = [np.arange(q, len(source), process_count) for q in range(process_count)]
+    self._seed, self._perms = seed, {}
+
+  def longest(self, start: int, n: int) -> int:
+    """The longest of rows start .. start + n - 1 over every host's stream."""
+    longest = 0
+    for q, shard in enumerate(self._shards):
+      for index in range(start, start + n):
+        epoch, offset = divmod(index, len(shard))
+        if (q, epoch) not in self._perms:
+          self._perms = {k: v for k, v in self._perms.items() if k[1] >= epoch - 1}
+          self._perms[(q, epoch)] = np.random.default_rng([self._seed, epoch]).permutation(
+              len(shard))
+        longest = max(longest, int(self._lengths[shard[self._perms[(q, epoch)][offset]]]))
+    return longest
+
+
 def to_row(example: dict) -> dict:
   """An example -> one unpadded row: inputs, next-token targets and their loss mask."""
   ids = example['ids']
@@ -192,10 +218,10 @@ def pick_length(lengths, max_len: int, buckets) -> int:
   return max_len
 
 
-def crop(block: dict, dataset_ids, max_len: int, buckets) -> dict:
+def crop(block: dict, dataset_ids, max_len: int, buckets, longest: int | None = None) -> dict:
   """A stacked block -> a batch (docs/interfaces.md): padded to max_len or the smallest bucket
-  that holds the longest row, with dataset ids."""
-  length = pick_length(block['lengths'], max_len, buckets)
+  that holds the longest row (`longest` if given: every host's), with dataset ids."""
+  length = pick_length([longest] if longest else block['lengths'], max_len, buckets)
   batch = {key: np.ascontiguousarray(block[key][:, :length]) for key in ROW_KEYS}
   batch['dataset_ids'] = np.asarray(dataset_ids, np.int32).reshape(len(block['lengths']))
   batch['example_ids'] = block['example_ids']
@@ -208,19 +234,81 @@ def padding_row(row: dict) -> dict:
   return dict(row, loss_mask=np.zeros_like(row['loss_mask']), example_id=-1)
 
 
+def _next_fit(lengths, max_len: int) -> list[list[int]]:
+  """Consecutive examples packed in order: a new row starts when the next one does not fit."""
+  rows, used = [], max_len + 1
+  for i, n in enumerate(lengths):
+    if used + n > max_len:
+      rows.append([])
+      used = 0
+    rows[-1].append(i)
+    used += n
+  return rows
+
+
+def pack_rows(rows: list[dict]) -> dict:
+  """Unpadded rows -> one row holding them all, segment ids 1..k (example_id -1; each token's
+  example in `token_example_ids`)."""
+  out = {key: np.concatenate([row[key] for row in rows]) for key in ('tokens', 'targets',
+                                                                   'loss_mask', 'positions')}
+  out['segment_ids'] = np.concatenate(
+      [np.full(len(row['tokens']), k + 1, np.int32) for k, row in enumerate(rows)])
+  out['token_example_ids'] = np.concatenate(
+      [np.full(len(row['tokens']), row['example_id'], np.int32) for row in rows])
+  out['example_id'] = -1
+  return out
+
+
+def _with_token_example_ids(batch: dict, rows: list[dict]) -> dict:
+  """Adds `token_example_ids` [n, length]: each token's example id, -1 on padding."""
+  ids = np.full(batch['tokens'].shape, -1, np.int32)
+  for r, row in enumerate(rows):
+    per_token = row.get('token_example_ids')
+    if per_token is None:
+      per_token = np.full(len(row['tokens']), row['example_id'], np.int32)
+    k = min(len(per_token), ids.shape[1])
+    ids[r, :k] = per_token[:k]
+  batch['token_example_ids'] = ids
+  return batch
+
+
 def finite_batches(source: ExampleSource, dataset_id: int, rows_per_batch: int, pad_id: int,
-                   max_len: int, buckets, process_index: int = 0, process_count: int = 1):
+                   max_len: int, buckets, process_index: int = 0, process_count: int = 1,
+                   packing: bool = False, token_example_ids: bool = False):
   """Every example of this host's shard once, in order; every host yields the same number of
-  batches (ceil of the largest shard), the last padded with rows whose loss_mask is 0."""
+  batches (ceil of the largest shard), the last padded with rows whose loss_mask is 0.
+
+  With packing, consecutive examples share rows (in order); each host works out every host's
+  row count from the example lengths, so all agree on the number of batches without talking.
+  `token_example_ids` adds each token's example id (-1 = padding or filler) as a [rows, L] key.
+  """
+  def emit(rows, longest=None):
+    batch = crop(stack(rows, max_len, pad_id), [dataset_id] * rows_per_batch, max_len, buckets,
+                 longest)
+    return _with_token_example_ids(batch, rows) if token_example_ids else batch
+
   total = len(source)
   if total == 0:
     return
-  largest_shard = -(-total // process_count)
-  num_batches = -(-largest_shard // rows_per_batch)
-  mine = range(process_index, total, process_count)
+  lengths = np.diff(source._offsets) - 1  # Positions per row.  # pylint: disable=protected-access
   filler = padding_row(to_row(source[0]))
+  # Every host's rows as lists of examples, and each row's length (known to all hosts alike).
+  if packing:
+    groups = [[[p + i * process_count for i in g]
+               for g in _next_fit(lengths[p::process_count], max_len)]
+              for p in range(process_count)]
+  else:
+    groups = [[[i] for i in range(p, total, process_count)] for p in range(process_count)]
+  row_len = lambda group: int(sum(lengths[i] for i in group))
+  num_batches = -(-max(len(g) for g in groups) // rows_per_batch)
   for k in range(num_batches):
-    chunk = mine[k * rows_per_batch:(k + 1) * rows_per_batch]
-    rows = [to_row(source[i]) for i in chunk]
+    longest = None
+    if buckets and process_count > 1:  # Crop to what every host's rows need.
+      parts = [host[k * rows_per_batch:(k + 1) * rows_per_batch] for host in groups]
+      longest = max(row_len(g) for part in parts for g in part)
+      if any(len(part) < rows_per_batch for part in parts):
+        longest = max(longest, len(filler['tokens']))
+    rows = [pack_rows([to_row(source[i]) for i in g]) if packing else to_row(source[g[0]])
+            for g in groups[process_index][k * rows_per_batch:(k + 1) * rows_per_batch]]
     rows += [filler] * (rows_per_batch - len(rows))
-    yield crop(stack(rows, max_len, pad_id), [dataset_id] * rows_per_batch, max_len, buckets)
+    yield emit(rows, longest)

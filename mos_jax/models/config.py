@@ -10,7 +10,8 @@ import jax.numpy as jnp
 FAMILIES = ('gemma', 'llama', 'qwen2')
 ACTIVATIONS = ('silu', 'gelu_tanh')
 ROPE_SCALING_TYPES = ('llama3',)
-ATTENTION_IMPLS = (None, 'xla', 'cudnn')
+ATTENTION_IMPLS = (None, 'xla', 'cudnn', 'triton', 'splash')  # mos_jax.models.attention
+REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch')  # decoder.REMAT_POLICIES
 DTYPES = ('float32', 'bfloat16', 'float16')
 
 
@@ -49,9 +50,10 @@ class ModelConfig:
   pad_token_id: int | None = None
   param_dtype: str = 'float32'     # storage dtype of the parameters
   dtype: str = 'float32'           # compute dtype of activations (logits are always float32)
-  remat: bool = False              # rematerialise each layer in the backward pass
+  remat: str = 'none'              # per-layer remat policy (REMAT); True/False mean 'full'/'none'
   scan_layers: bool = False        # stack layers on a leading 'layers' axis and lax.scan over them
-  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None|'xla'|'cudnn'
+  attention_impl: str | None = None  # attention kernel (ATTENTION_IMPLS); None = auto per platform
+  loss_chunk: int = 256            # positions per LM-head + cross-entropy chunk in losses (0 = all)
 
   def __post_init__(self):
     # Normalise user-friendly inputs (dicts, lists, jnp dtypes) into hashable canonical values.
@@ -61,6 +63,10 @@ class ModelConfig:
       set_('eos_token_id', tuple(int(t) for t in self.eos_token_id))
     for name in ('param_dtype', 'dtype'):
       set_(name, jnp.dtype(getattr(self, name)).name)
+    if isinstance(self.remat, bool) or self.remat is None:
+      set_('remat', 'full' if self.remat else 'none')
+    if self.attention_impl == '':
+      set_('attention_impl', None)
     self._validate()
 
   def _validate(self):
@@ -84,6 +90,10 @@ class ModelConfig:
     for name in ('param_dtype', 'dtype'):
       if getattr(self, name) not in DTYPES:
         fail(f'{name} {getattr(self, name)!r} is not supported; supported: {", ".join(DTYPES)}.')
+    if self.remat not in REMAT:
+      fail(f'remat {self.remat!r} is not one of {REMAT}.')
+    if int(self.loss_chunk) < 0:
+      fail(f'loss_chunk must be >= 0, got {self.loss_chunk}.')
     if self.attention_impl not in ATTENTION_IMPLS:
       fail(f'attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}.')
     if self.rope_scaling is not None:

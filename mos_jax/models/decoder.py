@@ -16,11 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mos_jax import loss as loss_lib
 from mos_jax import sharding as sharding_lib
 from mos_jax.models import kv_cache
+from mos_jax.models import attention as attention_lib
 from mos_jax.models.config import ModelConfig
 
 INIT_STD = 0.02  # HF `initializer_range` of all three families.
+# model.remat names -> what each layer keeps for the backward pass (jax.checkpoint_policies);
+# 'none' keeps everything (no rematerialisation).
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,  # Recompute the whole layer.
+    'save_dots': jax.checkpoint_policies.dots_saveable,  # Keep every matmul output.
+    # Keep matmul outputs without batch dimensions (projections, not attention scores).
+    'save_dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class DecoderOutput(NamedTuple):
@@ -100,7 +110,9 @@ class Attention(nnx.Module):
       self.k_bias = _param(jnp.zeros((k, h), pd), 'kv_heads', 'head_dim')
       self.v_bias = _param(jnp.zeros((k, h), pd), 'kv_heads', 'head_dim')
 
-  def __call__(self, x, cos, sin, mask, cache=None):  # x [B, L, D]; mask [B, 1, L, S] bool or None
+  def __call__(self, x, cos, sin, segment_ids, cache=None):
+    # x [B, L, D]; segment_ids [B, L] or None; with a cache (decoding), the 4th argument is the
+    # cache's mask [B, 1, L, S] (kv_cache.advance) instead.
     dt = self.config.dtype
     q = jnp.einsum('BLD,DNH->BLNH', x, self.q_proj[...].astype(dt))
     k = jnp.einsum('BSD,DKH->BSKH', x, self.k_proj[...].astype(dt))
@@ -111,11 +123,10 @@ class Attention(nnx.Module):
       v = v + self.v_bias[...].astype(dt)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:  # Decoding: attend over the KV cache (kv_cache.LayerCache).
-      out, cache = kv_cache.attend(q, k, v, mask, cache)
+      out, cache = kv_cache.attend(q, k, v, segment_ids, cache)
       return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt)), cache
-    # Grouped-query attention is native here (K < N); scale defaults to 1/sqrt(H).
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                       implementation=self.config.attention_impl)  # [B, L, N, H]
+    # Causal within segments, grouped-query (K < N), scale 1/sqrt(H); the kernel per platform.
+    out = attention_lib.attend(q, k, v, segment_ids, self.config.attention_impl)  # [B, L, N, H]
     return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt))
 
 
@@ -149,12 +160,12 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config)
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, cos, sin, mask, cache=None):
-    if cache is not None:  # Decoding: (x, cache) out (kv_cache.LayerCache).
-      attn, cache = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+  def __call__(self, x, cos, sin, segment_ids, cache=None):
+    if cache is not None:  # Decoding: (x, cache) out (kv_cache.LayerCache); segment_ids = mask.
+      attn, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache)
       x = x + attn
       return x + self.mlp(self.mlp_norm(x)), cache
-    x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
     return x + self.mlp(self.mlp_norm(x))
 
 
@@ -212,6 +223,15 @@ class Decoder(nnx.Module):
     mask come from the cache (attention_mask [B, L] marks left padding), and the output carries
     the updated cache.
     """
+    hidden, cache = self._blocks(x, positions, segment_ids, attention_mask, cache)
+    return DecoderOutput(logits=self.logits(hidden), hidden=hidden, cache=cache)
+
+  def hidden_states(self, x, positions=None, segment_ids=None, attention_mask=None):
+    """from_embeddings without the LM head: the final-norm hidden states [B, L, D]."""
+    return self._blocks(x, positions, segment_ids, attention_mask, None)[0]
+
+  def _blocks(self, x, positions, segment_ids, attention_mask, cache):
+    """(final-norm hidden states [B, L, D], the cache moved past these tokens or None)."""
     c = self.config
     if cache is not None:
       positions, mask, cache = kv_cache.advance(cache, attention_mask, x.shape[:2])
@@ -224,40 +244,40 @@ class Decoder(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
       else:
         positions = segment_positions(segment_ids)
-    # Same-segment mask. Padding (segment 0) attends to padding, and causality always keeps the
-    # diagonal, so no row is fully masked: padded rows stay finite (no NaN in the gradients).
-    if cache is None:
-      mask = None if segment_ids is None else (
-          segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, L, S]
+    # Attention stays within segments (mos_jax.models.attention). Padding (segment 0) attends to
+    # padding, and causality keeps the diagonal, so padded rows stay finite (no NaN gradients).
     cos, sin = rope_tables(c, positions)
     # Pin activations to batch sharding: left to propagation from the FSDP-sharded weights,
     # every device would compute the whole batch (README: "Memory per device"). No-op without a mesh.
     x = sharding_lib.constrain(x, 'batch', None, 'embed')
 
-    def apply(block, x, cos, sin, mask):
-      return sharding_lib.constrain(block(x, cos, sin, mask), 'batch', None, 'embed')
-    if c.remat:
-      apply = nnx.remat(apply)
+    def apply(block, x, cos, sin, segment_ids):
+      return sharding_lib.constrain(block(x, cos, sin, segment_ids), 'batch', None, 'embed')
+    if c.remat != 'none':
+      apply = nnx.remat(apply, policy=REMAT_POLICIES[c.remat])
     if cache is not None:
       x, cache = kv_cache.run_layers(self.layers, c.scan_layers, x, cos, sin, mask, cache)
     elif c.scan_layers:
       @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry)
-      def scan_body(block, x, cos, sin, mask):
-        return apply(block, x, cos, sin, mask)
-      x = scan_body(self.layers, x, cos, sin, mask)
+      def scan_body(block, x, cos, sin, segment_ids):
+        return apply(block, x, cos, sin, segment_ids)
+      x = scan_body(self.layers, x, cos, sin, segment_ids)
     else:
       for block in self.layers:
-        x = apply(block, x, cos, sin, mask)
+        x = apply(block, x, cos, sin, segment_ids)
+    return self.final_norm(x), cache
 
-    hidden = self.final_norm(x)
-    if c.tie_embeddings:
-      logits = jnp.einsum('BLD,VD->BLV', hidden, self.embed[...].astype(c.dtype),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum('BLD,DV->BLV', hidden, self.lm_head[...].astype(c.dtype),
-                          preferred_element_type=jnp.float32)
-    logits = sharding_lib.constrain(logits, 'batch', None, 'vocab')
-    return DecoderOutput(logits=logits, hidden=hidden, cache=cache)
+  def head_weight(self):
+    """The LM head and its layout: ([V, D] embedding table, True) if tied, else ([D, V], False)."""
+    if self.config.tie_embeddings:
+      return self.embed[...], True
+    return self.lm_head[...], False
+
+  def logits(self, hidden):
+    """[B, L, D] -> [B, L, V] float32 (the whole vocabulary at once; losses use
+    mos_jax.loss.chunked_token_nll instead)."""
+    weight, vocab_first = self.head_weight()
+    return loss_lib.lm_head(hidden, weight, vocab_first, self.config.dtype)
 
 
 def abstract_model(config: ModelConfig) -> Decoder:
