@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 
 from mos_jax import generation
 from mos_jax import inference
+from mos_jax import jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,26 +29,17 @@ class Options:
 
 def read_prompts(path: str) -> list[dict]:
   """JSONL lines with "prompt" (str) or "messages" (list of {role, content}); errors name the line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'--prompts {path}: no such file.')
   out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n}: not valid JSON ({e.msg}).') from None
-      ok = isinstance(record, dict) and (
-          isinstance(record.get('prompt'), str) or (
-              isinstance(record.get('messages'), list) and record['messages'] and all(
-                  isinstance(m, dict) and isinstance(m.get('role'), str)
-                  and isinstance(m.get('content'), str) for m in record['messages'])))
-      if not ok:
-        raise ValueError(f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [{{"role": '
-                         f'..., "content": ...}}, ...]}}.')
-      out.append(record)
+  for n, record in jsonl.records(path, '--prompts file'):
+    ok = isinstance(record, dict) and (
+        isinstance(record.get('prompt'), str) or (
+            isinstance(record.get('messages'), list) and record['messages'] and all(
+                isinstance(m, dict) and isinstance(m.get('role'), str)
+                and isinstance(m.get('content'), str) for m in record['messages'])))
+    if not ok:
+      raise ValueError(f'{path}:{n}: expected {{"prompt": "..."}} or {{"messages": [{{"role": '
+                       f'..., "content": ...}}, ...]}}.')
+    out.append(record)
   return out
 
 

@@ -23,6 +23,7 @@ import uuid
 import numpy as np
 
 from mos_jax import generation
+from mos_jax import jsonl
 
 # Sampling temperature per category, as FastChat's gen_model_answer uses them.
 TEMPERATURES = {'writing': 0.7, 'roleplay': 0.7, 'extraction': 0.0, 'math': 0.0, 'coding': 0.0,
@@ -39,23 +40,14 @@ class JudgeError(RuntimeError):
 
 def read_questions(path: str) -> list[dict]:
   """MT-bench question.jsonl: {question_id, category, turns: [str, ...]}; errors name the line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'MT-bench question file {path} does not exist.')
   out = []
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        q = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{n}: not valid JSON ({e.msg}).') from None
-      if not (isinstance(q, dict) and 'question_id' in q and isinstance(q.get('turns'), list)
-              and q['turns'] and all(isinstance(t, str) for t in q['turns'])):
-        got = sorted(q) if isinstance(q, dict) else type(q).__name__
-        raise ValueError(f'{path}:{n}: an MT-bench question needs "question_id" and "turns" (a '
-                         f'non-empty list of strings); got {got}.')
-      out.append(q)
+  for n, q in jsonl.records(path, 'MT-bench question file'):
+    if not (isinstance(q, dict) and 'question_id' in q and isinstance(q.get('turns'), list)
+            and q['turns'] and all(isinstance(t, str) for t in q['turns'])):
+      got = sorted(q) if isinstance(q, dict) else type(q).__name__
+      raise ValueError(f'{path}:{n}: an MT-bench question needs "question_id" and "turns" (a '
+                       f'non-empty list of strings); got {got}.')
+    out.append(q)
   if not out:
     raise ValueError(f'{path}: no questions.')
   return out
