@@ -35,6 +35,7 @@ from mos_jax import steps
 from mos_jax.data import bundle as data_lib
 from mos_jax.data import build_data
 from mos_jax.data import prefetch
+from mos_jax.models import lora
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,12 @@ class Run:
   checkpointer: Any
   writer: Any
   start_step: int
+  frozen: Any = None  # LoRA: the frozen base (pure dict, never donated or saved); None without.
 
 
 def _build_model(config, mesh, vocab_size: int):
   m = config.model
+  lora.check_config(config)
   options = {'dtype': m.dtype, 'param_dtype': m.param_dtype, 'remat': m.remat,
              'scan_layers': m.scan_layers, 'attention_impl': m.attention_impl or None,
              'loss_chunk': m.loss_chunk}
@@ -78,14 +81,24 @@ def _build_model(config, mesh, vocab_size: int):
   if model.config.vocab_size < vocab_size:
     raise ValueError(f'The tokenizer has {vocab_size} tokens but the model only '
                      f'{model.config.vocab_size} embeddings (model.hf_checkpoint / model.preset).')
+  if lora.enabled(m):  # qwix adapters (and a quantized base with model.quantize).
+    model = lora.add_adapters(model, m.lora, m.quantize, config.seed)
   return model
 
 
 def _initial_state(config, model, sizes, mesh):
-  """The train state at step 0 on its shardings: parameters, AdamW, the scorer at q_tau."""
-  graphdef, param_state = nnx.split(model, nnx.Param)
+  """The train state at step 0 on its shardings: parameters, AdamW, the scorer at q_tau.
+
+  With LoRA the state's params are the adapters; the frozen base comes back separately (pure
+  dict, as loaded: on the rule table's shardings), else as None.
+  """
+  if lora.enabled(config.model):
+    graphdef, param_state, frozen_state = nnx.split(model, nnx.LoRAParam, ...)
+    frozen = nnx.to_pure_dict(frozen_state)
+  else:
+    (graphdef, param_state), frozen = nnx.split(model, nnx.Param), None
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
-  params = nnx.to_pure_dict(param_state)
+  params = jax.device_put(nnx.to_pure_dict(param_state), param_shardings)
   replicated = sharding.replicated(mesh)
   with jax.set_mesh(mesh):
     optimizer = steps.make_optimizer(config.train)
@@ -101,19 +114,19 @@ def _initial_state(config, model, sizes, mesh):
       step=replicated, params=param_shardings, opt_state=opt_shardings,
       mixing=jax.tree.map(lambda _: replicated, mixing_state), bad_steps=replicated,
       skipped_steps=replicated)
-  return graphdef, state, state_shardings, optimizer
+  return graphdef, state, state_shardings, optimizer, frozen
 
 
 def _mixing_functions(config, strategy, graphdef, initial_params, param_shardings, mesh, data,
-                      workdir, is_main):
+                      workdir, is_main, frozen=None):
   """The jitted reward forward and scorer update, and the theta_0 NLL tables for a cached DIFF.
 
   theta_0 is the initial model: a resumed run rebuilds it the same way before restoring.
   """
   replicated = sharding.replicated(mesh)
   reference = config.mixing.diff_reference
-  if strategy.needs_reference and reference not in ('cache', 'device'):
-    raise ValueError(f"config.mixing.diff_reference must be 'cache' or 'device', got "
+  if strategy.needs_reference and reference not in ('cache', 'device', 'base'):
+    raise ValueError(f"config.mixing.diff_reference must be 'cache', 'device' or 'base', got "
                      f'{reference!r}.')
   reference_params = reference_tables = None
   if strategy.needs_reference and reference == 'device':
@@ -123,10 +136,11 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
   reward_step = jax.jit(
       functools.partial(steps.reward_step, graphdef=graphdef, num_datasets=len(data.names),
                         with_embeddings=strategy.needs_embeddings,
-                        micro_rows=config.data.reward_micro_batch),
+                        micro_rows=config.data.reward_micro_batch,
+                        base_reference=strategy.needs_reference and reference == 'base'),
       in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
-                    None), out_shardings=replicated)
-  reward_fn = lambda params, batch: reward_step(params, reference_params, batch)
+                    None, None), out_shardings=replicated)
+  reward_fn = lambda params, batch: reward_step(params, reference_params, batch, frozen)
   update = mixing.make_update_fn(config.mixing)
 
   def mixing_update(mixing_state, reward_out):
@@ -138,11 +152,11 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
   if strategy.needs_reference and reference == 'cache':
     nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef,
                                          micro_rows=config.data.reward_micro_batch),
-                       in_shardings=(param_shardings, None), out_shardings=replicated)
+                       in_shardings=(param_shardings, None, None), out_shardings=replicated)
     with jax.set_mesh(mesh):
       reference_tables = reference_lib.load_or_compute(
           os.path.join(workdir, 'reference_nll'), data, reference_lib.model_key(config),
-          lambda batch: nll_step(initial_params, batch),
+          lambda batch: nll_step(initial_params, batch, frozen),
           functools.partial(distributed.host_local_to_global, mesh=mesh),
           batch_size=config.data.eval_batch_size, write=is_main)
   return reward_fn, mixing_fn, reference_tables
@@ -177,14 +191,15 @@ def restore_model(config, workdir: str):
     vocab_size = len(data_lib.load_tokenizer(tokenizer_dir))
     # Only the scorer's shape depends on the dataset sizes; the restored values replace it.
     sizes = [1] * len(config.data.datasets)
-    graphdef, state, state_shardings, _ = _initial_state(
+    graphdef, state, state_shardings, _, frozen = _initial_state(
         config, _build_model(config, mesh, vocab_size), sizes, mesh)
+    _check_same_base(checkpointer.read_meta(step), config, workdir)
     target = sharding.sharded_abstract(state, state_shardings)
     jax.tree.map(lambda x: x.delete(), state)
     state, _ = checkpointer.restore(step, target)
   finally:
     checkpointer.close()
-  return nnx.merge(graphdef, state.params), step, tokenizer_dir
+  return steps.merge(graphdef, state.params, frozen), step, tokenizer_dir
 
 
 def build(config, workdir: str) -> Run:
@@ -203,23 +218,27 @@ def build(config, workdir: str) -> Run:
 
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.
-  graphdef, state, state_shardings, optimizer = _initial_state(
+  graphdef, state, state_shardings, optimizer, frozen = _initial_state(
       config, _build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh)
   param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
-  train_fn = jax.jit(
+  # With LoRA the frozen base is a third argument on its own (load-time) shardings, not donated.
+  train_step = jax.jit(
       functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
                         num_datasets=num_datasets, micro_batches=config.train.micro_batches),
-      in_shardings=(state_shardings, None), out_shardings=(state_shardings, replicated),
+      in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
-                    in_shardings=(param_shardings, None), out_shardings=replicated)
+  train_fn = lambda state, batch: train_step(state, batch, frozen)
+  eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
+                      in_shardings=(param_shardings, None, None), out_shardings=replicated)
+  eval_fn = lambda params, batch: eval_step(params, batch, frozen)
   min_prob = float(config.mixing.min_prob)
   probs_fn = jax.jit(lambda mixing_state: mixing.probs(mixing_state.params, min_prob))
   reward_fn = mixing_fn = reference_tables = None
   if strategy.updates_scorer:
     reward_fn, mixing_fn, reference_tables = _mixing_functions(
-        config, strategy, graphdef, state.params, param_shardings, mesh, data, workdir, is_main)
+        config, strategy, graphdef, state.params, param_shardings, mesh, data, workdir, is_main,
+        frozen)
 
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
@@ -228,8 +247,11 @@ def build(config, workdir: str) -> Run:
   latest = checkpointer.latest_step()
   meta = {'names': names, 'fingerprints': {n: data.fingerprint(n) for n in names},
           'loader': _loader_identity(config), 'config': json.loads(config_lib.config_to_json(config))}
+  if lora.enabled(config.model):  # Adapters resume only onto the base they were trained on.
+    meta['base'] = reference_lib.model_key(config)
   if latest is not None:
     _check_same_data(checkpointer.read_meta(latest), meta, workdir)
+    _check_same_base(checkpointer.read_meta(latest), config, workdir)
     target = sharding.sharded_abstract(state, state_shardings)
     jax.tree.map(lambda x: x.delete(), state)  # Free the fresh state before the saved one lands.
     state, _ = checkpointer.restore(latest, target, data.train)
@@ -246,7 +268,7 @@ def build(config, workdir: str) -> Run:
   return Run(config=config, workdir=workdir, mesh=mesh, data=data, strategy=strategy,
              graphdef=graphdef, meta=meta, state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
              eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
-             checkpointer=checkpointer, writer=writer, start_step=start_step)
+             checkpointer=checkpointer, writer=writer, start_step=start_step, frozen=frozen)
 
 
 def _stack_reward_batches(batches: dict, names) -> dict:
@@ -473,6 +495,15 @@ def _check_same_data(saved: dict, current: dict, workdir: str):
       raise ValueError(f'{workdir}: dataset {name!r} changed since the checkpoint (its tokenized '
                        f'data or data settings differ), so the loader cannot resume where it '
                        f'stopped. Restore the data and settings, or use a new workdir.')
+
+
+def _check_same_base(saved: dict, config, workdir: str):
+  """A LoRA checkpoint holds adapters only: the base re-read from model.hf_checkpoint (or the
+  preset and seed) must be the one they were trained on (files, sizes, times, dtypes, quantize)."""
+  if lora.enabled(config.model) and saved.get('base') != reference_lib.model_key(config):
+    raise ValueError(f'{workdir}: the checkpoint holds LoRA adapters for another base model '
+                     f'(model.hf_checkpoint / model.preset / seed / dtypes / model.quantize changed, '
+                     f'or its weight files were rewritten). Use the original base, or a new workdir.')
 
 
 def _check_finite(metrics, max_bad_steps):
