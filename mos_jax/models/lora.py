@@ -81,7 +81,7 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
 def adapter_pairs(model):
   """[(module path, weight name, module)] of every adapted weight, in parameter order."""
   out = []
-  for path, module in model.iter_modules():
+  for path, module in nnx.iter_modules(model):
     for name in HF_MODULES:
       if hasattr(module, name + '_lora_a'):
         out.append((path, name, module))
@@ -113,7 +113,7 @@ def merged_model(model, lora_config):
       b = getattr(owner, path[-1] + '_lora_b')[...]
       value = (value.astype(jnp.float32) + _delta(a, b, scale)).astype(var.get_value().dtype)
     flat[path] = value
-  nnx.update(plain, nnx.State.from_flat_path({p: v for p, v in flat.items()}))
+  nnx.update(plain, nnx.from_flat_state(flat))
   return plain
 
 

@@ -1,0 +1,119 @@
+"""LoRA / QLoRA through qwix: adapter counts, zero-init parity, PEFT and transformers parity,
+quantized-base tolerance, and the trainer (frozen base, exact resume, DIFF 'base')."""
+
+import copy
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from mos_jax import models
+from mos_jax import steps
+from mos_jax import trainer
+from mos_jax.models import lora
+from demo_run import demo_config
+
+VOCAB = 96
+HF_CONFIGS = {  # One tiny model per family (GQA untied Llama, biased tied Qwen2, MQA GeGLU Gemma).
+    'llama': lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False),
+    'qwen2': lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    'gemma': lambda: transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+}
+
+
+def _lora_config(rank=4, alpha=8.0, targets='.*/(attn|mlp)'):
+  c = ml_collections.ConfigDict()
+  c.rank, c.alpha, c.targets, c.dropout = rank, alpha, targets, 0.0
+  return c
+
+
+def _tiny(vocab=64):
+  return models.init_model(models.get_preset('tiny', vocab_size=vocab, scan_layers=False), seed=0)
+
+
+def _logits(model, tokens):
+  return np.asarray(model(jnp.asarray(tokens)).logits)
+
+
+def test_trainable_count_is_the_hand_count():
+  model = _tiny()
+  c = model.config
+  for rank, targets, per_layer in [
+      # q, k, v, o: A [in, r] and B [r, out] each; gate, up, down likewise.
+      (4, '.*/(attn|mlp)', lambda r, d, n, k, h, f: (
+          (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d)
+          + 2 * (d * r + r * f) + (f * r + r * d))),
+      (2, '.*/attn', lambda r, d, n, k, h, f: (
+          (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d))),
+  ]:
+    adapted = lora.add_adapters(model, _lora_config(rank, targets=targets))
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(adapted, nnx.LoRAParam)))
+    hand = c.num_layers * per_layer(rank, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                    c.intermediate_size)
+    assert count == hand, (rank, targets)
+  # The base parameters are untouched: same count as the plain model.
+  base = sum(math.prod(x.shape) for x in jax.tree.leaves(
+      nnx.state(adapted, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
+  assert base == models.param_count(c)
+
+
+def test_zero_init_lora_gives_the_base_logits_exactly():
+  model = _tiny()
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
+  adapted = lora.add_adapters(model, _lora_config())
+  np.testing.assert_array_equal(_logits(adapted, tokens), _logits(model, tokens))
+  # And the adapters are live: a non-zero B changes the logits.
+  a = adapted.layers[0].attn
+  a.q_proj_lora_b[...] = jnp.ones_like(a.q_proj_lora_b[...])
+  assert np.abs(_logits(adapted, tokens) - _logits(model, tokens)).max() > 1e-3
+
+
+def _random_adapters(model, seed):
+  """Every B random (A is already random): an adapter that changes the model visibly."""
+  rng = np.random.default_rng(seed)
+  for _, name, module in lora.adapter_pairs(model):
+    b = getattr(module, name + '_lora_b')
+    b[...] = jnp.asarray(0.3 * rng.standard_normal(b[...].shape), b[...].dtype)
+
+
+@pytest.mark.parametrize('family', tuple(HF_CONFIGS))
+def test_peft_and_merged_exports_match_our_adapted_model(family, tmp_path):
+  import peft
+  torch.manual_seed(0)
+  base_torch = transformers.AutoModelForCausalLM.from_config(
+      HF_CONFIGS[family](), dtype=torch.float32, attn_implementation='eager').eval()
+  base_dir = tmp_path / 'base'
+  base_torch.save_pretrained(base_dir)
+  ours = lora.add_adapters(models.load_hf(base_dir, scan_layers=False), _lora_config(4, 8.0), seed=1)
+  _random_adapters(ours, 2)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
+  want = _logits(ours, tokens)
+
+  lora.save_peft(ours, _lora_config(4, 8.0), str(tmp_path / 'adapter'))
+  saved = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert saved['target_modules'] == sorted(lora.HF_MODULES)
+  with torch.no_grad():
+    peft_model = peft.PeftModel.from_pretrained(base_torch, tmp_path / 'adapter').eval()
+    got = peft_model(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+  assert np.abs(want - _logits(models.load_hf(base_dir), tokens)).max() > 1e-2  # Adapters matter.
+
+  models.save_hf(lora.merged_model(ours, _lora_config(4, 8.0)), tmp_path / 'merged')
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'merged', dtype=torch.float32, attn_implementation='eager').eval()
+  with torch.no_grad():
+    got = merged(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
