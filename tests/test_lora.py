@@ -117,3 +117,105 @@ def test_peft_and_merged_exports_match_our_adapted_model(family, tmp_path):
   with torch.no_grad():
     got = merged(torch.as_tensor(tokens)).logits.numpy()
   np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def _lora_run_config(tmp_path, **train):
+  config = demo_config(tmp_path, **train)
+  config.model.scan_layers = False
+  config.model.lora.rank = 4
+  config.mixing.diff_reference = 'base'
+  return config
+
+
+def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
+  config = _lora_run_config(tmp_path, train__steps=8, train__checkpoint_every=4,
+                            train__log_every=2, train__eval_every=4, train__eval_batches=1)
+  config.mixing.update_every = 2
+  straight = str(tmp_path / 'straight')
+  run = trainer.build(config, straight)
+  base_before = jax.device_get(run.frozen)
+  adapters_before = jax.device_get(run.state.params)
+  trainer.train(run)
+  final_straight = jax.tree.leaves(jax.device_get(run.state))
+  # The frozen base is bit-identical after training; every B moved off zero; AdamW holds
+  # moments for the adapters only.
+  for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(run.frozen))):
+    np.testing.assert_array_equal(a, b)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), adapters_before,
+                       jax.device_get(run.state.params))
+  assert min(jax.tree.leaves(moved)) > 0
+  adapter_count = sum(x.size for x in jax.tree.leaves(adapters_before))
+  moments = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim > 0]
+  assert sum(x.size for x in moments) == 2 * adapter_count
+
+  resumed = str(tmp_path / 'resumed')
+  run = trainer.build(copy.deepcopy(config), resumed)
+  loader = run.data.train
+  real_next = type(loader).__next__
+  calls = {'n': 0}
+
+  class Crash(Exception):
+    pass
+
+  def crashing_next(self):
+    calls['n'] += 1
+    if calls['n'] > 5:  # Dies in step 6, after the checkpoint at step 4.
+      raise Crash()
+    return real_next(self)
+
+  type(loader).__next__ = crashing_next
+  try:
+    with pytest.raises(Crash):
+      trainer.train(run)
+  finally:
+    type(loader).__next__ = real_next
+  run = trainer.build(copy.deepcopy(config), resumed)
+  assert run.start_step == 4
+  trainer.train(run)
+  for a, b in zip(final_straight, jax.tree.leaves(jax.device_get(run.state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lines = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
+                     for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+  assert lines(straight) == lines(resumed)
+  assert any('reward/' in k for line in lines(resumed) for k in line)
+
+  # Another base under the same workdir is refused.
+  other = copy.deepcopy(config)
+  other.model.dtype = 'bfloat16'
+  with pytest.raises(ValueError, match='another base model'):
+    trainer.build(other, resumed)
+
+  # Export: the PEFT tensors are the checkpoint's adapters in [out, in] layout.
+  from mos_jax import export
+  export.export(copy.deepcopy(config), resumed, str(tmp_path / 'adapter'), adapters_only=True)
+  import safetensors.numpy
+  tensors = safetensors.numpy.load_file(tmp_path / 'adapter' / 'adapter_model.safetensors')
+  a = np.asarray(jax.device_get(run.state.params['layers'][1]['attn']['q_proj_lora_a']))
+  np.testing.assert_array_equal(
+      tensors['base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight'], a.T)
+  assert len(tensors) == 2 * 7 * config_layers(run)
+
+
+def config_layers(run):
+  return run.state.params['layers'].__len__()
+
+
+def test_diff_base_reference_equals_device_and_cache_at_step_0(tmp_path):
+  nll0 = {}
+  for reference in ('base', 'device', 'cache'):
+    config = _lora_run_config(tmp_path, train__steps=2, train__eval_batches=1)
+    config.mixing.diff_reference = reference
+    run = trainer.build(config, str(tmp_path / reference))
+    batch = trainer._stack_reward_batches(run.data.train.reward_batches(), run.data.names)
+    if run.reference_tables is not None:
+      batch['nll0'] = trainer.reference_lib.lookup(run.reference_tables, run.data.names, batch)
+    with jax.set_mesh(run.mesh):
+      out = jax.device_get(run.reward_fn(run.state.params, trainer.distributed.host_local_to_global(
+          batch, run.mesh)))
+    nll0[reference] = np.asarray(out['nll0'])
+    if reference == 'base':  # At step 0 the adapters are zero: theta == theta_0 exactly.
+      np.testing.assert_array_equal(out['nll'], out['nll0'])
+    run.data.close()
+    run.checkpointer.close()
+  np.testing.assert_array_equal(nll0['base'], nll0['device'])
+  np.testing.assert_allclose(nll0['base'], nll0['cache'], rtol=1e-5)

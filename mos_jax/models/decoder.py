@@ -109,10 +109,12 @@ class Attention(nnx.Module):
       self.v_bias = _param(jnp.zeros((k, h), pd), 'kv_heads', 'head_dim')
 
   def __call__(self, x, cos, sin, segment_ids):  # x [B, L, D]; segment_ids [B, L] or None
+    # Projections end in .astype(dt): a no-op here, it keeps qwix LoRA deltas (stored in the
+    # parameter dtype) from promoting the activations.
     dt = self.config.dtype
-    q = jnp.einsum('BLD,DNH->BLNH', x, self.q_proj[...].astype(dt))
-    k = jnp.einsum('BSD,DKH->BSKH', x, self.k_proj[...].astype(dt))
-    v = jnp.einsum('BSD,DKH->BSKH', x, self.v_proj[...].astype(dt))
+    q = jnp.einsum('BLD,DNH->BLNH', x, self.q_proj[...].astype(dt)).astype(dt)
+    k = jnp.einsum('BSD,DKH->BSKH', x, self.k_proj[...].astype(dt)).astype(dt)
+    v = jnp.einsum('BSD,DKH->BSKH', x, self.v_proj[...].astype(dt)).astype(dt)
     if self.config.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -120,7 +122,7 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # Causal within segments, grouped-query (K < N), scale 1/sqrt(H); the kernel per platform.
     out = attention_lib.attend(q, k, v, segment_ids, self.config.attention_impl)  # [B, L, N, H]
-    return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt))
+    return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt)).astype(dt)
 
 
 class MLP(nnx.Module):
@@ -135,13 +137,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x):  # [B, L, D]
     dt = self.config.dtype
-    gate = jnp.einsum('BLD,DF->BLF', x, self.gate_proj[...].astype(dt))
-    up = jnp.einsum('BLD,DF->BLF', x, self.up_proj[...].astype(dt))
+    gate = jnp.einsum('BLD,DF->BLF', x, self.gate_proj[...].astype(dt)).astype(dt)
+    up = jnp.einsum('BLD,DF->BLF', x, self.up_proj[...].astype(dt)).astype(dt)
     if self.config.activation == 'silu':
       act = jax.nn.silu(gate)
     else:  # GeGLU with the tanh approximation (HF gelu_pytorch_tanh).
       act = jax.nn.gelu(gate, approximate=True)
-    return jnp.einsum('BLF,FD->BLD', act * up, self.down_proj[...].astype(dt))
+    return jnp.einsum('BLF,FD->BLD', act * up, self.down_proj[...].astype(dt)).astype(dt)
 
 
 class Block(nnx.Module):
