@@ -14,6 +14,7 @@ everything else (the frozen base, stored once and sharded by the same rule table
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import jax
@@ -57,14 +58,19 @@ def check_config(config) -> None:
                      'model.lora.rank > 0.')
 
 
-def provider(lora_config, quantize: str = 'none') -> qwix.LoraProvider:
+def provider(lora_config, quantize: str = 'none', model_config=None) -> qwix.LoraProvider:
   """The qwix LoRA provider of `model.lora` / `model.quantize`."""
+  tile = None
+  if quantize in ('int4', 'nf4'):
+    # 4-bit types keep one scale per block of inputs: QLoRA's 64, or less where a contracted
+    # dimension (head_dim for o_proj) is not a multiple of 64.
+    c = model_config
+    tile = math.gcd(64, c.head_dim, c.hidden_size, c.intermediate_size)
   return qwix.LoraProvider(
       module_path=lora_config.targets, rank=int(lora_config.rank),
       alpha=float(lora_config.alpha), dropout=float(lora_config.dropout),
       weight_qtype=None if quantize == 'none' else quantize,
-      # 4-bit types keep one scale per 64 inputs (QLoRA's block size); int8 one per channel.
-      tile_size=64 if quantize in ('int4', 'nf4') else None)
+      tile_size=tile)  # int8: one scale per output channel.
 
 
 def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
@@ -74,7 +80,14 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
   parameters are shared with `model`, not copied.
   """
   x = jnp.zeros((1, 1, model.config.hidden_size), model.config.dtype)  # [B, L, D]
-  return qwix.apply_lora_to_model(model, provider(lora_config, quantize), x,
+  adapted = qwix.apply_lora_to_model(model, provider(lora_config), x,
+                                     methods=('hidden_states',), rngs=nnx.Rngs(seed))
+  if quantize == 'none':
+    return adapted
+  # Quantizing in the same call would hide weights of equal shape (k_proj, v_proj) from qwix's
+  # adapter lookup once their neighbours are replaced; with the adapters already there, this
+  # second pass only swaps the frozen weights for quantized ones (later calls find them by id).
+  return qwix.apply_lora_to_model(adapted, provider(lora_config, quantize, model.config), x,
                                   methods=('hidden_states',), rngs=nnx.Rngs(seed))
 
 
