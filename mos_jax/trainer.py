@@ -94,7 +94,8 @@ def _initial_state(config, model, sizes, mesh):
   """
   if lora.enabled(config.model):
     graphdef, param_state, frozen_state = nnx.split(model, nnx.LoRAParam, ...)
-    frozen = nnx.to_pure_dict(frozen_state)
+    frozen = nnx.to_pure_dict(frozen_state)  # A quantized base's arrays land on the rule table too.
+    frozen = jax.device_put(frozen, lora.frozen_shardings(model.config, frozen, mesh))
   else:
     (graphdef, param_state), frozen = nnx.split(model, nnx.Param), None
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))

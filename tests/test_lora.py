@@ -219,3 +219,74 @@ def test_diff_base_reference_equals_device_and_cache_at_step_0(tmp_path):
     run.checkpointer.close()
   np.testing.assert_array_equal(nll0['base'], nll0['device'])
   np.testing.assert_allclose(nll0['base'], nll0['cache'], rtol=1e-5)
+
+
+# Relative logit error ||q - ref|| / ||ref|| of a QLoRA base (zero adapters) against the
+# unquantized one, on the random tiny model (Gaussian weights, the hard case for 4 bits).
+QLORA_TOLERANCE = {'int8': 0.02, 'int4': 0.3, 'nf4': 0.3}
+
+
+@pytest.mark.parametrize('quantize', tuple(QLORA_TOLERANCE))
+def test_qlora_forward_within_tolerance_and_trains_adapters(quantize):
+  model = models.init_model(models.get_preset('tiny', vocab_size=64, scan_layers=False,
+                                              hidden_size=128, intermediate_size=256), seed=0)
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
+  ref = _logits(model, tokens)
+  adapted = lora.add_adapters(model, _lora_config(), quantize)
+  got = _logits(adapted, tokens)
+  err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+  assert 0 < err < QLORA_TOLERANCE[quantize], err
+  # The frozen weights are qwix quantized arrays of the requested type; adapters stay fp32.
+  graphdef, params, frozen = nnx.split(adapted, nnx.LoRAParam, ...)
+  qvalue = nnx.to_pure_dict(frozen)['layers'][0]['mlp']['up_proj']['array']['qvalue']
+  assert str(qvalue.dtype) == {'int8': 'int8', 'int4': 'int4', 'nf4': 'uint4'}[quantize]
+  # Gradients reach every adapter through the quantized base (B starts at zero, so A's gradient
+  # is zero at step 0: only B is checked).
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  loss = lambda p: steps.merge(graphdef, p, frozen)(jnp.asarray(tokens)).logits.std()
+  grads = jax.jit(jax.grad(loss))(params)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    if 'lora_b' in jax.tree_util.keystr(path):
+      assert float(jnp.abs(g).max()) > 0, path
+
+
+SHARDED_SCRIPT = '''
+import json, sys
+import jax
+from ml_collections import config_dict
+from mos_jax import trainer
+assert jax.device_count() == 8
+config = config_dict.ConfigDict(json.loads(sys.argv[1]))
+config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2
+run = trainer.build(config, sys.argv[2])
+big = [x for x in jax.tree.leaves(run.frozen) if x.size >= 64 * 64]
+assert big and all(not x.sharding.is_fully_replicated for x in big)
+trainer.train(run)
+'''
+
+
+@pytest.mark.slow
+def test_sharded_qlora_matches_one_device(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from demo_run import REPO
+  config = _lora_run_config(tmp_path, train__steps=3, train__log_every=1, train__eval_every=0,
+                            train__eval_batches=1)
+  config.model.quantize = 'nf4'
+  config.mixing.update_every = 1
+  trainer.train(trainer.build(copy.deepcopy(config), str(tmp_path / 'one')))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  done = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, config.to_json(),
+                         str(tmp_path / 'mesh')], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-4000:]
+  read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
+                    for r in trainer.metrics_lib.read_metrics(str(tmp_path / d / 'metrics.jsonl'))]
+  one, mesh = read('one'), read('mesh')
+  assert [r['step'] for r in one] == [r['step'] for r in mesh]
+  assert any(k.startswith('reward/') for k in one[-1])
+  for a, b in zip(one, mesh):
+    for key in a:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)

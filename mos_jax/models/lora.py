@@ -177,3 +177,28 @@ def save_peft(model, lora_config, path: str, base_model: str = '', overwrite: bo
   with open(os.path.join(path, 'adapter_config.json'), 'w') as f:
     json.dump(config, f, indent=2)
   save_file(tensors, os.path.join(path, 'adapter_model.safetensors'), metadata={'format': 'pt'})
+
+
+def frozen_shardings(model_config, frozen, mesh):
+  """NamedShardings of the frozen base (pure dict) by the rule table of mos_jax.sharding.
+
+  Plain weights keep their parameters' logical axes; a quantized weight's `qvalue` and `scale`
+  (qwix: `<weight>/array/{qvalue,scale}`) take the weight's axes, a dimension that the mesh
+  does not divide (a scale's reduced axis) staying whole.
+  """
+  from mos_jax import sharding
+  from mos_jax.models.decoder import abstract_model
+  names = {}
+  for path, var in nnx.to_flat_state(nnx.state(abstract_model(model_config), nnx.Param)):
+    names[tuple(path)] = var.get_metadata().get('out_sharding')
+
+  def one(path, leaf):
+    keys = tuple(getattr(k, 'key', getattr(k, 'idx', None)) for k in path)
+    if keys[-2:] in (('array', 'qvalue'), ('array', 'scale')):
+      keys = keys[:-2]
+    logical = names[keys]
+    spec = sharding.logical_to_mesh_spec(logical, leaf.shape, mesh)
+    spec = sharding._fsdp_storage(spec, logical, leaf.shape, mesh)  # pylint: disable=protected-access
+    return jax.sharding.NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(one, frozen)
