@@ -40,8 +40,9 @@ def _lora_config(rank=4, alpha=8.0, targets='.*/(attn|mlp)'):
   return c
 
 
-def _tiny(vocab=64):
-  return models.init_model(models.get_preset('tiny', vocab_size=vocab, scan_layers=False), seed=0)
+def _tiny(vocab=64, scan_layers=False):
+  return models.init_model(models.get_preset('tiny', vocab_size=vocab, scan_layers=scan_layers),
+                           seed=0)
 
 
 def _logits(model, tokens):
@@ -68,15 +69,20 @@ def test_trainable_count_is_the_hand_count():
   base = sum(math.prod(x.shape) for x in jax.tree.leaves(
       nnx.state(adapted, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
   assert base == models.param_count(c)
+  # Scanned layers get the same adapters, stacked on [Y].
+  stacked = lora.add_adapters(_tiny(scan_layers=True), _lora_config(2, targets='.*/attn'))
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(
+      nnx.state(stacked, nnx.LoRAParam))) == count
 
 
-def test_zero_init_lora_gives_the_base_logits_exactly():
-  model = _tiny()
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_zero_init_lora_gives_the_base_logits_exactly(scan_layers):
+  model = _tiny(scan_layers=scan_layers)
   tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
   adapted = lora.add_adapters(model, _lora_config())
   np.testing.assert_array_equal(_logits(adapted, tokens), _logits(model, tokens))
   # And the adapters are live: a non-zero B changes the logits.
-  a = adapted.layers[0].attn
+  a = adapted.layers.attn if scan_layers else adapted.layers[0].attn
   a.q_proj_lora_b[...] = jnp.ones_like(a.q_proj_lora_b[...])
   assert np.abs(_logits(adapted, tokens) - _logits(model, tokens)).max() > 1e-3
 
@@ -89,15 +95,17 @@ def _random_adapters(model, seed):
     b[...] = jnp.asarray(0.3 * rng.standard_normal(b[...].shape), b[...].dtype)
 
 
-@pytest.mark.parametrize('family', tuple(HF_CONFIGS))
-def test_peft_and_merged_exports_match_our_adapted_model(family, tmp_path):
+@pytest.mark.parametrize('family,scan_layers', [('llama', False), ('qwen2', False),
+                                                ('gemma', False), ('llama', True)])
+def test_peft_and_merged_exports_match_our_adapted_model(family, scan_layers, tmp_path):
   import peft
   torch.manual_seed(0)
   base_torch = transformers.AutoModelForCausalLM.from_config(
       HF_CONFIGS[family](), dtype=torch.float32, attn_implementation='eager').eval()
   base_dir = tmp_path / 'base'
   base_torch.save_pretrained(base_dir)
-  ours = lora.add_adapters(models.load_hf(base_dir, scan_layers=False), _lora_config(4, 8.0), seed=1)
+  ours = lora.add_adapters(models.load_hf(base_dir, scan_layers=scan_layers), _lora_config(4, 8.0),
+                           seed=1)
   _random_adapters(ours, 2)
   tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
   want = _logits(ours, tokens)
@@ -120,8 +128,7 @@ def test_peft_and_merged_exports_match_our_adapted_model(family, tmp_path):
 
 
 def _lora_run_config(tmp_path, **train):
-  config = demo_config(tmp_path, **train)
-  config.model.scan_layers = False
+  config = demo_config(tmp_path, **train)  # Scanned layers (the default).
   config.model.lora.rank = 4
   config.mixing.diff_reference = 'base'
   return config
@@ -190,14 +197,10 @@ def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
   export.export(copy.deepcopy(config), resumed, str(tmp_path / 'adapter'), adapters_only=True)
   import safetensors.numpy
   tensors = safetensors.numpy.load_file(tmp_path / 'adapter' / 'adapter_model.safetensors')
-  a = np.asarray(jax.device_get(run.state.params['layers'][1]['attn']['q_proj_lora_a']))
+  a = np.asarray(jax.device_get(run.state.params['layers']['attn']['q_proj_lora_a']))[1]
   np.testing.assert_array_equal(
       tensors['base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight'], a.T)
-  assert len(tensors) == 2 * 7 * config_layers(run)
-
-
-def config_layers(run):
-  return run.state.params['layers'].__len__()
+  assert len(tensors) == 2 * 7 * models.get_preset('tiny').num_layers
 
 
 def test_diff_base_reference_equals_device_and_cache_at_step_0(tmp_path):
@@ -274,6 +277,7 @@ def test_sharded_qlora_matches_one_device(tmp_path):
   config = _lora_run_config(tmp_path, train__steps=3, train__log_every=1, train__eval_every=0,
                             train__eval_batches=1)
   config.model.quantize = 'nf4'
+  config.model.scan_layers = False  # QLoRA quantizes per layer module.
   config.mixing.update_every = 1
   trainer.train(trainer.build(copy.deepcopy(config), str(tmp_path / 'one')))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',

@@ -13,6 +13,7 @@ everything else (the frozen base, stored once and sharded by the same rule table
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -50,12 +51,18 @@ def check_config(config) -> None:
   if rank and float(m.lora.dropout) != 0.0:
     raise ValueError('model.lora.dropout > 0 is not supported yet (qwix draws dropout masks from '
                      'module-level RNG streams that our pure train step does not carry); use 0.')
-  if rank and m.scan_layers:
-    raise ValueError('model.lora.rank > 0 needs model.scan_layers=False (qwix creates adapters '
-                     'per layer module, not inside a scan over stacked layers).')
+  if m.quantize != 'none' and m.scan_layers:
+    raise ValueError('model.quantize needs model.scan_layers=False (qwix quantizes each layer '
+                     "module's weights in place, not inside a scan over stacked layers).")
   if config.mixing.diff_reference == 'base' and not rank:
     raise ValueError("mixing.diff_reference='base' (theta_0 = the base with adapters off) needs "
                      'model.lora.rank > 0.')
+
+
+def _rule(lora_config, **quantization) -> qwix.LoraRule:
+  return qwix.LoraRule(module_path=lora_config.targets, rank=int(lora_config.rank),
+                       alpha=float(lora_config.alpha), dropout=float(lora_config.dropout),
+                       **quantization)
 
 
 def provider(lora_config, quantize: str = 'none', model_config=None) -> qwix.LoraProvider:
@@ -66,11 +73,9 @@ def provider(lora_config, quantize: str = 'none', model_config=None) -> qwix.Lor
     # dimension (head_dim for o_proj) is not a multiple of 64.
     c = model_config
     tile = math.gcd(64, c.head_dim, c.hidden_size, c.intermediate_size)
-  return qwix.LoraProvider(
-      module_path=lora_config.targets, rank=int(lora_config.rank),
-      alpha=float(lora_config.alpha), dropout=float(lora_config.dropout),
-      weight_qtype=None if quantize == 'none' else quantize,
-      tile_size=tile)  # int8: one scale per output channel.
+  return qwix.LoraProvider([_rule(
+      lora_config, weight_qtype=None if quantize == 'none' else quantize,
+      tile_size=tile)])  # int8: one scale per output channel.
 
 
 def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
@@ -80,8 +85,13 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
   parameters are shared with `model`, not copied.
   """
   x = jnp.zeros((1, 1, model.config.hidden_size), model.config.dtype)  # [B, L, D]
+  rngs = nnx.Rngs(seed)
+  if model.config.scan_layers:
+    model = nnx.clone(model)
+    _stacked_adapters(model, lora_config, seed)
+    rngs = None  # Adapters exist already; RNG state on the stacked modules would be scanned.
   adapted = qwix.apply_lora_to_model(model, provider(lora_config), x,
-                                     methods=('hidden_states',), rngs=nnx.Rngs(seed))
+                                     methods=('hidden_states',), rngs=rngs)
   if quantize == 'none':
     return adapted
   # Quantizing in the same call would hide weights of equal shape (k_proj, v_proj) from qwix's
@@ -89,6 +99,35 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
   # second pass only swaps the frozen weights for quantized ones (later calls find them by id).
   return qwix.apply_lora_to_model(adapted, provider(lora_config, quantize, model.config), x,
                                   methods=('hidden_states',), rngs=nnx.Rngs(seed))
+
+
+def _stacked_adapters(model, lora_config, seed: int):
+  """Scanned layers: qwix cannot create variables inside the scan, so the adapters it would
+  create for one layer (names, shapes, logical axes: read off qwix on an abstract one-layer
+  model) are created here for all layers at once, stacked on the leading [Y] axis with the rule's
+  own initialisers. Inside the scan qwix then finds them and only computes with them."""
+  from mos_jax.models.decoder import Decoder
+  c = model.config
+  one = c.replace(scan_layers=False, num_layers=1)
+  x = jnp.zeros((1, 1, c.hidden_size), c.dtype)
+  probe = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
+      Decoder(one, rngs=nnx.Rngs(0)), provider(lora_config), x, methods=('hidden_states',),
+      rngs=nnx.Rngs(0)))
+  rule = _rule(lora_config)
+  key = jax.random.key(seed)
+  for path, module, name in [(p, m, n) for p, n, m in adapter_pairs(probe.layers[0])]:
+    target = model.layers
+    for k in path:
+      target = getattr(target, k)
+    for suffix, init in (('_lora_a', rule.lora_a_initializer), ('_lora_b', rule.lora_b_initializer)):
+      var = getattr(module, name + suffix)
+      shape, dtype = var.shape, var.dtype
+      key, sub = jax.random.split(key)
+      value = jax.vmap(lambda k: init(k, shape, dtype))(jax.random.split(sub, c.num_layers))
+      logical = var.get_metadata().get('out_sharding') or (None,) * len(shape)
+      setattr(target, name + suffix, nnx.LoRAParam(
+          value, out_sharding=('layers',) + tuple(logical), eager_sharding=False))
+    setattr(target, name + '_lora_einsum_str', getattr(module, name + '_lora_einsum_str'))
 
 
 def adapter_pairs(model):
@@ -124,7 +163,9 @@ def merged_model(model, lora_config):
     if hasattr(owner, path[-1] + '_lora_a'):
       a = getattr(owner, path[-1] + '_lora_a')[...]
       b = getattr(owner, path[-1] + '_lora_b')[...]
-      value = (value.astype(jnp.float32) + _delta(a, b, scale)).astype(var.get_value().dtype)
+      delta = (jax.vmap(functools.partial(_delta, scale=scale)) if model.config.scan_layers
+               else functools.partial(_delta, scale=scale))(a, b)
+      value = (value.astype(jnp.float32) + delta).astype(var.get_value().dtype)
     flat[path] = value
   nnx.update(plain, nnx.from_flat_state(flat))
   return plain
@@ -144,15 +185,17 @@ def _dequantized(value, dtype):
 def peft_tensors(model) -> dict[str, np.ndarray]:
   """PEFT's tensor names and [out, in] layouts of every adapter: lora_A [r, in], lora_B [out, r]."""
   out = {}
+  scanned = model.config.scan_layers
   for path, name, module in adapter_pairs(model):
-    if path[0] != 'layers' or not isinstance(path[1], int):
-      raise ValueError(f'Adapter at {path}: PEFT export expects per-layer modules.')
-    prefix = f'base_model.model.model.layers.{path[1]}.{HF_MODULES[name]}'
     a = np.asarray(jax.device_get(getattr(module, name + '_lora_a')[...]))
     b = np.asarray(jax.device_get(getattr(module, name + '_lora_b')[...]))
-    r = a.shape[-1]
-    out[f'{prefix}.lora_A.weight'] = np.ascontiguousarray(a.reshape(-1, r).T)
-    out[f'{prefix}.lora_B.weight'] = np.ascontiguousarray(b.reshape(r, -1).T)
+    # Scanned layers: [Y, ...] stacks under layers/attn; else one module per layers/<i>/attn.
+    layers = enumerate(zip(a, b)) if scanned else [(path[1], (a, b))]
+    for i, (a_i, b_i) in layers:
+      prefix = f'base_model.model.model.layers.{i}.{HF_MODULES[name]}'
+      r = a_i.shape[-1]
+      out[f'{prefix}.lora_A.weight'] = np.ascontiguousarray(a_i.reshape(-1, r).T)
+      out[f'{prefix}.lora_B.weight'] = np.ascontiguousarray(b_i.reshape(r, -1).T)
   return out
 
 
