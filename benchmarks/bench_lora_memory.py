@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 GIB = 2**30
 
 
-def measure(preset: str, mode: str, batch: int, seq: int, rank: int, num_datasets: int = 4) -> dict:
+def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool = False,
+            num_datasets: int = 4) -> dict:
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -41,10 +42,11 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, num_dataset
 
   cfg = config_lib.base_config()
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
-  model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat='full',
-                                   scan_layers=False)
-  cfg.model.lora.rank = rank
   quantize = mode if mode in ('int8', 'int4', 'nf4') else 'none'
+  scan = scan and quantize == 'none'  # QLoRA needs unscanned layers.
+  model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat='full',
+                                   scan_layers=scan)
+  cfg.model.lora.rank = rank
 
   def build():
     model = models.Decoder(model_config, rngs=nnx.Rngs(0))
@@ -85,10 +87,12 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, num_dataset
                           frozen_abs).compile()
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  nbytes = lambda tree: sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+  bits = lambda dtype: jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else (
+      jnp.finfo(dtype).bits)  # int4 / uint4 take half a byte (their itemsize says 1).
+  nbytes = lambda tree: sum(x.size * bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
   n = jax.device_count()
   return dict(
-      preset=preset, mode=mode, rank=0 if mode == 'full' else rank, devices=n, batch=batch,
+      preset=preset, mode=mode, rank=0 if mode == 'full' else rank, scan=scan, devices=n, batch=batch,
       seq=seq, compile_s=round(seconds, 1),
       trainable_m=round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 2),
       frozen_gib=round(nbytes(frozen or {}) / GIB, 3),
@@ -105,7 +109,7 @@ def run_devices(devices, args) -> list[dict]:
   for mode in args.modes:  # One process per measurement: compiled programs do not pile up.
     cmd = [sys.executable, os.path.abspath(__file__), '--child', '--preset', args.preset,
            '--modes', mode, '--batch', str(args.batch), '--seq', str(args.seq),
-           '--rank', str(args.rank)]
+           '--rank', str(args.rank)] + (['--scan'] if args.scan else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     got = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
     if proc.returncode or not got:
@@ -117,12 +121,13 @@ def run_devices(devices, args) -> list[dict]:
 
 
 def table(rows) -> str:
-  lines = ['| mode | devices | trainable (M) | frozen base (GiB, total) | arguments/device (GiB) | '
-           'temp/device (GiB) | peak/device (GiB) | compile (s) |', '|' + '---|' * 8]
+  lines = ['| mode | layers | devices | trainable (M) | frozen base (GiB, total) | arguments/device (GiB) | '
+           'temp/device (GiB) | peak/device (GiB) | compile (s) |', '|' + '---|' * 9]
   names = {'full': 'full fine-tuning', 'lora': 'LoRA r={rank}', 'int8': 'QLoRA int8 r={rank}',
            'int4': 'QLoRA int4 r={rank}', 'nf4': 'QLoRA nf4 r={rank}'}
   for r in rows:
-    lines.append(f"| {names[r['mode']].format(rank=r['rank'])} | {r['devices']} | "
+    lines.append(f"| {names[r['mode']].format(rank=r['rank'])} | "
+                 f"{'scanned' if r.get('scan') else 'unscanned'} | {r['devices']} | "
                  f"{r['trainable_m']} | {r['frozen_gib']} | {r['argument_gib']} | {r['temp_gib']} | "
                  f"{r['peak_gib']} | {r['compile_s']} |")
   return '\n'.join(lines)
@@ -138,11 +143,14 @@ def main():
   p.add_argument('--rank', type=int, default=16)
   p.add_argument('--timeout', type=float, default=3600, help='seconds per measurement')
   p.add_argument('--json', default='', help='also write the rows here')
+  p.add_argument('--scan', action='store_true',
+                  help='scanned layers for full and LoRA (QLoRA stays unscanned)')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:
     for mode in args.modes:
-      print(json.dumps(measure(args.preset, mode, args.batch, args.seq, args.rank)), flush=True)
+      print(json.dumps(measure(args.preset, mode, args.batch, args.seq, args.rank, args.scan)),
+            flush=True)
     return
   rows = []
   for devices in args.devices:

@@ -294,3 +294,22 @@ def test_sharded_qlora_matches_one_device(tmp_path):
   for a, b in zip(one, mesh):
     for key in a:
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_lora_runs_mospec_cossim_and_static(tmp_path):
+  """The other strategy paths (pooled embeddings for COSSIM, no scorer for static) with adapters."""
+  for strategy, reward in (('mospec', 'cossim'), ('static', 'diff')):
+    config = _lora_run_config(tmp_path, train__steps=2, train__log_every=1, train__eval_every=0,
+                              train__eval_batches=1)
+    config.mixing.strategy, config.mixing.reward, config.mixing.target = strategy, reward, 'math'
+    config.mixing.update_every = 1
+    run = trainer.build(config, str(tmp_path / strategy))
+    before = jax.device_get(run.state.params)
+    summary = trainer.train(run)
+    assert summary
+    lines = trainer.metrics_lib.read_metrics(str(tmp_path / strategy / 'metrics.jsonl'))
+    assert any(k.startswith('reward/') for k in lines[-1]) == (strategy == 'mospec')
+    assert all(np.isfinite(line['train/loss']) for line in lines if 'train/loss' in line)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before,
+                         jax.device_get(run.state.params))
+    assert max(jax.tree.leaves(moved)) > 0
