@@ -9,7 +9,7 @@ int4 / nf4, quantizes the frozen base inside the same abstract trace), lowers th
 `steps.train_step` with the trainer's shardings on a (1, N, 1) FSDP mesh (LoRA: adapters +
 AdamW in the state, the frozen base as its own argument), compiles it ahead of time and prints
 `compiled.memory_analysis()` per device. Setup: bf16 parameters and compute, fp32 AdamW moments,
-full remat, unscanned layers (LoRA needs model.scan_layers=False), the chunked LM head.
+full remat, unscanned layers or (--scan) scanned ones, the chunked LM head.
 Numbers come from the XLA:CPU compiler: treat them as estimates of what sharding and freezing
 do, not as a TPU/GPU guarantee. Results: README.md, "LoRA and QLoRA".
 """
@@ -43,7 +43,6 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
   cfg = config_lib.base_config()
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
   quantize = mode if mode in ('int8', 'int4', 'nf4') else 'none'
-  scan = scan and quantize == 'none'  # QLoRA needs unscanned layers.
   model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat='full',
                                    scan_layers=scan)
   cfg.model.lora.rank = rank
@@ -144,7 +143,7 @@ def main():
   p.add_argument('--timeout', type=float, default=3600, help='seconds per measurement')
   p.add_argument('--json', default='', help='also write the rows here')
   p.add_argument('--scan', action='store_true',
-                  help='scanned layers for full and LoRA (QLoRA stays unscanned)')
+                  help='scanned layers (the default of model.scan_layers)')
   p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.child:

@@ -229,19 +229,34 @@ def test_diff_base_reference_equals_device_and_cache_at_step_0(tmp_path):
 QLORA_TOLERANCE = {'int8': 0.02, 'int4': 0.3, 'nf4': 0.3}
 
 
+@pytest.fixture(scope='module')
+def qlora_base(tmp_path_factory):
+  torch.manual_seed(0)
+  folder = tmp_path_factory.mktemp('qlora_base')
+  transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=32), dtype=torch.float32
+  ).save_pretrained(folder)
+  return folder
+
+
 @pytest.mark.parametrize('quantize', tuple(QLORA_TOLERANCE))
-def test_qlora_forward_within_tolerance_and_trains_adapters(quantize):
-  model = models.init_model(models.get_preset('tiny', vocab_size=64, scan_layers=False,
-                                              hidden_size=128, intermediate_size=256), seed=0)
-  tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
+def test_qlora_forward_within_tolerance_and_trains_adapters(quantize, qlora_base):
+  model = models.load_hf(qlora_base, scan_layers=False)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
   ref = _logits(model, tokens)
   adapted = lora.add_adapters(model, _lora_config(), quantize)
   got = _logits(adapted, tokens)
   err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
   assert 0 < err < QLORA_TOLERANCE[quantize], err
+  # Scanned layers quantize each layer the same way (stacked): the same logits.
+  scanned = lora.add_adapters(models.load_hf(qlora_base, scan_layers=True), _lora_config(),
+                              quantize)
+  np.testing.assert_allclose(_logits(scanned, tokens), got, atol=1e-5, rtol=1e-5)
   # The frozen weights are qwix quantized arrays of the requested type; adapters stay fp32.
   graphdef, params, frozen = nnx.split(adapted, nnx.LoRAParam, ...)
   qvalue = nnx.to_pure_dict(frozen)['layers'][0]['mlp']['up_proj']['array']['qvalue']
+  assert qvalue.shape == (128, 256)
   assert str(qvalue.dtype) == {'int8': 'int8', 'int4': 'int4', 'nf4': 'uint4'}[quantize]
   # Gradients reach every adapter through the quantized base (B starts at zero, so A's gradient
   # is zero at step 0: only B is checked).
@@ -277,7 +292,6 @@ def test_sharded_qlora_matches_one_device(tmp_path):
   config = _lora_run_config(tmp_path, train__steps=3, train__log_every=1, train__eval_every=0,
                             train__eval_batches=1)
   config.model.quantize = 'nf4'
-  config.model.scan_layers = False  # QLoRA quantizes per layer module.
   config.mixing.update_every = 1
   trainer.train(trainer.build(copy.deepcopy(config), str(tmp_path / 'one')))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',

@@ -51,9 +51,6 @@ def check_config(config) -> None:
   if rank and float(m.lora.dropout) != 0.0:
     raise ValueError('model.lora.dropout > 0 is not supported yet (qwix draws dropout masks from '
                      'module-level RNG streams that our pure train step does not carry); use 0.')
-  if m.quantize != 'none' and m.scan_layers:
-    raise ValueError('model.quantize needs model.scan_layers=False (qwix quantizes each layer '
-                     "module's weights in place, not inside a scan over stacked layers).")
   if config.mixing.diff_reference == 'base' and not rank:
     raise ValueError("mixing.diff_reference='base' (theta_0 = the base with adapters off) needs "
                      'model.lora.rank > 0.')
@@ -88,8 +85,11 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
   rngs = nnx.Rngs(seed)
   if model.config.scan_layers:
     model = nnx.clone(model)
-    _stacked_adapters(model, lora_config, seed)
-    rngs = None  # Adapters exist already; RNG state on the stacked modules would be scanned.
+    _stacked_adapters(model, lora_config, quantize, seed)
+    # Adapters (and quantized weights) exist already; RNG state on the stacked modules would be
+    # scanned over. qwix only wraps `hidden_states` and checks what it finds.
+    return qwix.apply_lora_to_model(model, provider(lora_config, quantize, model.config), x,
+                                    methods=('hidden_states',), rngs=None)
   adapted = qwix.apply_lora_to_model(model, provider(lora_config), x,
                                      methods=('hidden_states',), rngs=rngs)
   if quantize == 'none':
@@ -101,18 +101,20 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
                                   methods=('hidden_states',), rngs=nnx.Rngs(seed))
 
 
-def _stacked_adapters(model, lora_config, seed: int):
+def _stacked_adapters(model, lora_config, quantize: str, seed: int):
   """Scanned layers: qwix cannot create variables inside the scan, so the adapters it would
   create for one layer (names, shapes, logical axes: read off qwix on an abstract one-layer
   model) are created here for all layers at once, stacked on the leading [Y] axis with the rule's
-  own initialisers. Inside the scan qwix then finds them and only computes with them."""
+  own initialisers; with `quantize`, each layer's weight is quantized the way qwix quantizes the
+  probe's (its HowToQuantize), stacked the same way. Inside the scan qwix then finds them and
+  only computes with them."""
   from mos_jax.models.decoder import Decoder
   c = model.config
   one = c.replace(scan_layers=False, num_layers=1)
   x = jnp.zeros((1, 1, c.hidden_size), c.dtype)
-  probe = nnx.eval_shape(lambda: qwix.apply_lora_to_model(
-      Decoder(one, rngs=nnx.Rngs(0)), provider(lora_config), x, methods=('hidden_states',),
-      rngs=nnx.Rngs(0)))
+  del x
+  probe = nnx.eval_shape(lambda: add_adapters(Decoder(one, rngs=nnx.Rngs(0)), lora_config,
+                                              quantize))
   rule = _rule(lora_config)
   key = jax.random.key(seed)
   for path, module, name in [(p, m, n) for p, n, m in adapter_pairs(probe.layers[0])]:
@@ -128,6 +130,14 @@ def _stacked_adapters(model, lora_config, seed: int):
       setattr(target, name + suffix, nnx.LoRAParam(
           value, out_sharding=('layers',) + tuple(logical), eager_sharding=False))
     setattr(target, name + '_lora_einsum_str', getattr(module, name + '_lora_einsum_str'))
+    probe_weight = getattr(module, name)
+    if not isinstance(probe_weight, nnx.Variable):  # qwix WithAux: a quantized weight.
+      how = probe_weight.how
+      quantize_one = lambda w: qwix.quantize(
+          w, how.qtype, channelwise_axes=how.channelwise_axes, tiled_axes=how.tiled_axes,
+          calibration_method=how.calibration_method)
+      setattr(target, name, probe_weight.replace(
+          array=jax.vmap(quantize_one)(getattr(target, name)[...])))
 
 
 def adapter_pairs(model):
