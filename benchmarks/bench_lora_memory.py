@@ -50,12 +50,19 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
   def build():
     model = models.Decoder(model_config, rngs=nnx.Rngs(0))
     return model if mode == 'full' else lora.add_adapters(model, cfg.model.lora, quantize)
-  abstract_model = nnx.eval_shape(build)
-  if mode == 'full':
-    (graphdef, abstract_params), frozen, frozen_sh = nnx.split(abstract_model, nnx.Param), None, None
-  else:
-    graphdef, abstract_params, frozen_state = nnx.split(abstract_model, nnx.LoRAParam, ...)
-    frozen = nnx.to_pure_dict(frozen_state)
+  # Split inside the abstract trace: qwix's quantized weights hold tracers there, so they are
+  # state (outside it their ShapeDtypeStructs would be taken for static attributes).
+  graphdef_box = []
+
+  def split():
+    parts = nnx.split(build(), *((nnx.Param,) if mode == 'full' else (nnx.LoRAParam, ...)))
+    graphdef_box.append(parts[0])
+    return parts[1:]
+  parts = jax.eval_shape(split)
+  graphdef, abstract_params = graphdef_box[0], parts[0]
+  frozen = frozen_sh = None
+  if mode != 'full':
+    frozen = nnx.to_pure_dict(parts[1])
     frozen_sh = lora.frozen_shardings(model_config, frozen, mesh)
   param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
   params = nnx.to_pure_dict(abstract_params)

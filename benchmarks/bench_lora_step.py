@@ -6,7 +6,7 @@
 Jits the project's `steps.train_step` twice on one device — all parameters trained, and qwix
 LoRA adapters trained over the frozen base — and times `--steps` steps of each, alternating the
 two for `--rounds` rounds so that load from other processes hits both alike; prints the median
-seconds per step and the ratio LoRA / full. Unscanned layers for both (LoRA needs them).
+seconds per step and the ratio LoRA / full. Scanned layers for both (model.scan_layers' default).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main():
   args = p.parse_args()
   cfg = config_lib.base_config()
   cfg.train.steps = 1000
-  model = models.init_model(models.get_preset(args.preset, scan_layers=False), seed=0)
+  model = models.init_model(models.get_preset(args.preset, scan_layers=True), seed=0)
   lora_config = ml_collections.ConfigDict(dict(rank=args.rank, alpha=16.0, dropout=0.0,
                                                targets=cfg.model.lora.targets))
   rng = np.random.default_rng(0)
