@@ -223,7 +223,7 @@ def build(config, workdir: str) -> Run:
       config, _build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh)
   param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
-  # With LoRA the frozen base is a third argument on its own (load-time) shardings, not donated.
+  # With LoRA the frozen base is a third argument (on the rule-table shardings), never donated.
   train_step = jax.jit(
       functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
                         num_datasets=num_datasets, micro_batches=config.train.micro_batches),

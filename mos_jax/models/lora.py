@@ -82,7 +82,6 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
   parameters are shared with `model`, not copied.
   """
   x = jnp.zeros((1, 1, model.config.hidden_size), model.config.dtype)  # [B, L, D]
-  rngs = nnx.Rngs(seed)
   if model.config.scan_layers:
     model = nnx.clone(model)
     _stacked_adapters(model, lora_config, quantize, seed)
@@ -91,7 +90,7 @@ def add_adapters(model, lora_config, quantize: str = 'none', seed: int = 0):
     return qwix.apply_lora_to_model(model, provider(lora_config, quantize, model.config), x,
                                     methods=('hidden_states',), rngs=None)
   adapted = qwix.apply_lora_to_model(model, provider(lora_config), x,
-                                     methods=('hidden_states',), rngs=rngs)
+                                     methods=('hidden_states',), rngs=nnx.Rngs(seed))
   if quantize == 'none':
     return adapted
   # Quantizing in the same call would hide weights of equal shape (k_proj, v_proj) from qwix's
@@ -111,13 +110,11 @@ def _stacked_adapters(model, lora_config, quantize: str, seed: int):
   from mos_jax.models.decoder import Decoder
   c = model.config
   one = c.replace(scan_layers=False, num_layers=1)
-  x = jnp.zeros((1, 1, c.hidden_size), c.dtype)
-  del x
   probe = nnx.eval_shape(lambda: add_adapters(Decoder(one, rngs=nnx.Rngs(0)), lora_config,
                                               quantize))
   rule = _rule(lora_config)
   key = jax.random.key(seed)
-  for path, module, name in [(p, m, n) for p, n, m in adapter_pairs(probe.layers[0])]:
+  for path, name, module in adapter_pairs(probe.layers[0]):  # path inside one Block
     target = model.layers
     for k in path:
       target = getattr(target, k)
