@@ -22,6 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True  # Scan over stacked layers (compiles once per layer kind, not per layer).
   c.model.attention_impl = ''  # Attention kernel: '' (auto: splash on TPU, cudnn on GPU, xla elsewhere), 'xla', 'cudnn', 'triton', 'splash'.
   c.model.loss_chunk = 256  # Positions per LM-head + cross-entropy chunk: no full [B, L, V] fp32 logits (0 = one chunk).
+  c.model.quantize = 'none'  # Frozen base storage: 'none', or 'int8' / 'int4' / 'nf4' through qwix (QLoRA; needs model.lora.rank > 0).
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0  # LoRA rank through qwix (0 = off: full fine-tuning); adapters train, the base stays frozen.
+  c.model.lora.alpha = 16.0  # LoRA scale numerator: the adapter output is multiplied by alpha / rank.
+  c.model.lora.targets = '.*/(attn|mlp)'  # Regex (qwix module_path, full match) over module paths like 'layers/3/attn': their projections get adapters.
+  c.model.lora.dropout = 0.0  # Dropout on the adapters' input (only 0 is supported so far).
 
   c.data = ml_collections.ConfigDict()
   c.data.tokenizer = ''  # Local tokenizer folder; '' = the model.hf_checkpoint folder.
@@ -83,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixing.inner_steps = 200  # Adam steps per scorer update (released code: 200).
   c.mixing.normalize_rewards = False  # Standardise rewards across datasets before the update.
   c.mixing.min_prob = 0.0  # Probability floor mixed into the scorer output (0 = off).
-  c.mixing.diff_reference = 'cache'  # DIFF's theta_0: 'cache' (precomputed NLLs) or 'device'.
+  c.mixing.diff_reference = 'cache'  # DIFF's theta_0: 'cache' (precomputed NLLs), 'device' (a copy of the initial parameters) or 'base' (LoRA: the frozen base with adapters off, no copy).
   c.mixing.reference_dtype = 'float32'  # Dtype of the on-device theta_0 copy.
 
   c.mesh = ml_collections.ConfigDict()

@@ -54,6 +54,11 @@ def _problems(config) -> list[str]:
        f'must be one of {ATTENTION_IMPLS}')
   need(m.remat in REMAT, 'model.remat', f'must be one of {REMAT[:4]}')
   number('model.loss_chunk', 0, integer=True)
+  from mos_jax.models import lora  # pylint: disable=g-import-not-at-top
+  try:  # LoRA rank, dropout, quantization and the DIFF reference they allow.
+    lora.check_config(config)
+  except ValueError as e:
+    out.append(str(e).rstrip('.'))
 
   number('data.max_len', 2, integer=True)
   need(d.truncation in ('truncate', 'drop'), 'data.truncation', "must be 'truncate' or 'drop'")
@@ -107,8 +112,8 @@ def _problems(config) -> list[str]:
   n = len(d.datasets)
   if n:
     number('mixing.min_prob', 0, 1 / n)
-  need(x.diff_reference in ('cache', 'device'), 'mixing.diff_reference',
-       "must be 'cache' or 'device'")
+  need(x.diff_reference in ('cache', 'device', 'base'), 'mixing.diff_reference',
+       "must be 'cache', 'device' or 'base' (LoRA)")
   need(x.reference_dtype in DTYPES, 'mixing.reference_dtype', f'must be one of {DTYPES}')
   if n:
     from mos_jax import mixing  # pylint: disable=g-import-not-at-top

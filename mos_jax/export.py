@@ -6,6 +6,10 @@ Restores the model of the workdir's latest checkpoint with the config the run wa
 (the same --config and overrides; the model and mesh settings matter) and writes config.json,
 safetensors and the tokenizer files into --out; `transformers.AutoModelForCausalLM
 .from_pretrained(out)` loads it. The run folder is only read, so this works during a run too.
+
+A LoRA run (model.lora.rank > 0) exports merged weights (W + alpha / r * A B) by default; with
+--adapters-only it writes a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)
+that `peft.PeftModel.from_pretrained(base, out)` loads on top of model.hf_checkpoint.
 """
 
 from absl import flags
@@ -15,20 +19,33 @@ from mos_jax import cli
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder whose latest checkpoint to export.')
 _OUT = flags.DEFINE_string('out', None, 'Folder to write the Hugging Face checkpoint into.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace --out if it already has files.')
+_ADAPTERS_ONLY = flags.DEFINE_bool('adapters-only', False,
+                                   'LoRA runs: write a PEFT adapter folder, not merged weights.')
 _CONFIG = cli.define_config_flag()
 
 
-def export(config, workdir: str, out: str, overwrite: bool = False) -> int:
+def export(config, workdir: str, out: str, overwrite: bool = False,
+           adapters_only: bool = False) -> int:
   """Writes the latest checkpoint's model to `out`; returns its step. The run folder is only read."""
   from mos_jax import models, trainer  # Imported late: they pull in jax and the data stack.
+  from mos_jax.models import lora
+  if adapters_only and not lora.enabled(config.model):
+    raise ValueError('--adapters-only needs a LoRA run (model.lora.rank > 0).')
   model, step, tokenizer_dir = trainer.restore_model(config, workdir)
+  if adapters_only:
+    lora.save_peft(model, config.model.lora, out, base_model=config.model.hf_checkpoint,
+                   overwrite=overwrite)
+    return step
+  if lora.enabled(config.model):
+    model = lora.merged_model(model, config.model.lora)
   models.save_hf(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
   return step
 
 
 def main(argv):
   del argv
-  step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _OVERWRITE.value)
+  step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _OVERWRITE.value,
+                _ADAPTERS_ONLY.value)
   print(f'Wrote the model of step {step} to {_OUT.value}.')
 
 

@@ -31,6 +31,8 @@ def model_key(config) -> str:
     ident = {'preset': m.preset, 'seed': config.seed}
   ident['param_dtype'] = m.param_dtype
   ident['dtype'] = m.dtype
+  if m.get('quantize', 'none') != 'none':  # QLoRA: theta_0 is the quantized base.
+    ident['quantize'] = m.quantize
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from mos_jax.mixing import rewards
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken (skipped ones included).
-  params: Any  # Pure dict of backbone parameters.
+  params: Any  # Pure dict of the trained backbone parameters (with LoRA: the adapters only).
   opt_state: Any  # AdamW state over params.
   mixing: Any  # mos_jax.mixing.MixingState: scorer, its Adam state, EMA rewards.
   bad_steps: jax.Array  # int32 scalar: non-finite updates in a row.
@@ -52,10 +52,15 @@ def learning_rate(train_config, step):
   return train_config.lr * max(0.0, 1.0 - (step - warmup) / max(steps - warmup, 1))
 
 
-def _forward_nll(graphdef, params, batch):
+def merge(graphdef, params, frozen=None):
+  """The model from its trained parameters and (with LoRA) the frozen base they adapt."""
+  return nnx.merge(graphdef, params, frozen) if frozen else nnx.merge(graphdef, params)
+
+
+def _forward_nll(graphdef, params, batch, frozen=None):
   """Per-token NLL [B, L] fp32 and final hidden states [B, L, D], through the chunked LM head
   (no [B, L, V] logits; the model's loss_chunk sets the chunk)."""
-  model = nnx.merge(graphdef, params)
+  model = merge(graphdef, params, frozen)
   hidden = model.hidden_states(model.embed_tokens(batch['tokens']), positions=batch['positions'],
                                segment_ids=batch['segment_ids'])
   weight, vocab_first = model.head_weight()
@@ -64,9 +69,9 @@ def _forward_nll(graphdef, params, batch):
   return nll, hidden
 
 
-def _sum_loss(params, graphdef, batch, num_datasets):
-  """Sum of masked token NLL (differentiated), and per-dataset sums for the metrics."""
-  nll, _ = _forward_nll(graphdef, params, batch)  # [B, L]
+def _sum_loss(params, graphdef, batch, num_datasets, frozen=None):
+  """Sum of masked token NLL (differentiated in `params` only), and per-dataset sums."""
+  nll, _ = _forward_nll(graphdef, params, batch, frozen)  # [B, L]
   row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])  # [B], [B]
   aux = {
       'tokens': row_tokens.sum(),
@@ -76,9 +81,11 @@ def _sum_loss(params, graphdef, batch, num_datasets):
   return row_nll.sum(), aux
 
 
-def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: int,
+def train_step(state: TrainState, batch, frozen=None, *, graphdef, optimizer, num_datasets: int,
                micro_batches: int = 1):
   """One optimizer step on a token-weighted mean loss, accumulated over micro-batches.
+
+  `frozen`: the LoRA base (pure dict, not differentiated, not updated); None without LoRA.
 
   Gradients of the NLL *sum* are accumulated and divided by the batch's trained-token count once,
   so the update equals the full-batch one whatever `micro_batches` is.
@@ -86,7 +93,7 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
   grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
 
   if micro_batches == 1:
-    (nll_sum, aux), grads = grad_fn(state.params, graphdef, batch, num_datasets)
+    (nll_sum, aux), grads = grad_fn(state.params, graphdef, batch, num_datasets, frozen)
   else:
     # Micro-batch i takes rows i, i + M, ...: with rows sharded in contiguous blocks over the
     # devices, every micro-batch stays spread evenly over all of them.
@@ -97,11 +104,12 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
     f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
     def accumulate(carry, micro):
-      out = grad_fn(state.params, graphdef, micro, num_datasets)
+      out = grad_fn(state.params, graphdef, micro, num_datasets, frozen)
       return jax.tree.map(jnp.add, carry, f32(out)), None  # Sums in fp32, even for bf16 params.
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
-        lambda: grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], split), num_datasets)))
+        lambda: grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], split), num_datasets,
+                        frozen)))
     ((nll_sum, aux), grads), _ = jax.lax.scan(accumulate, zeros, split)
 
   tokens = jnp.maximum(aux['tokens'], 1.0)
@@ -136,9 +144,9 @@ def train_step(state: TrainState, batch, *, graphdef, optimizer, num_datasets: i
   return state, metrics
 
 
-def example_nll(graphdef, params, batch):
+def example_nll(graphdef, params, batch, frozen=None):
   """Per-row mean NLL over trained tokens and the final hidden states, from one forward."""
-  nll, hidden = _forward_nll(graphdef, params, batch)
+  nll, hidden = _forward_nll(graphdef, params, batch, frozen)
   mean_nll, valid = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
   return mean_nll, valid, hidden
 
@@ -161,18 +169,23 @@ def in_micro_batches(fn, batch, micro_rows: int):
   return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((rows,) + y.shape[2:]), out)
 
 
-def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
-                with_embeddings: bool = True, micro_rows: int = 0):
+def reward_step(params, reference_params, batch, frozen=None, *, graphdef, num_datasets: int,
+                with_embeddings: bool = True, micro_rows: int = 0, base_reference: bool = False):
   """The reward forward over one batch from every dataset (rows grouped by dataset).
 
   batch leaves are [b * N, ...], example-major (row j * N + i is example j of dataset i), so that
   host-local blocks concatenate into the same layout on any number of hosts. Returns per-dataset
   pooled embeddings [N, D] (Eq. 7) and per-example mean NLL [N, b] under theta; and under theta_0
   either from `reference_params` (kept on device) or from the batch's cached `nll0` rows.
-  Forwards run `micro_rows` rows at a time (0 = all rows at once).
+  Forwards run `micro_rows` rows at a time (0 = all rows at once). With `base_reference` (LoRA),
+  theta_0 is the frozen base with the adapters off: the same forward with every adapter at zero
+  (x A B = 0 exactly), so no second copy of the model exists.
   """
+  if base_reference:
+    reference_params = jax.tree.map(jnp.zeros_like, params)
+
   def per_row(rows):
-    nll, valid, hidden = example_nll(graphdef, params, rows)
+    nll, valid, hidden = example_nll(graphdef, params, rows, frozen)
     out = {'nll': nll, 'valid': valid}
     if with_embeddings:  # Eq. 7's mean over each example's tokens: [r, D] fp32.
       token_mask = (rows['segment_ids'] > 0).astype(jnp.float32)
@@ -181,7 +194,7 @@ def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
                                         ) / jnp.maximum(count, 1.0)[:, None]
       out['row_has_tokens'] = (count > 0).astype(jnp.float32)
     if reference_params is not None:
-      out['nll0'], _, _ = example_nll(graphdef, reference_params, rows)
+      out['nll0'], _, _ = example_nll(graphdef, reference_params, rows, frozen)
     return out
 
   rows = in_micro_batches(per_row, batch, micro_rows)
@@ -198,18 +211,18 @@ def reward_step(params, reference_params, batch, *, graphdef, num_datasets: int,
   return out
 
 
-def eval_step(params, batch, *, graphdef):
+def eval_step(params, batch, frozen=None, *, graphdef):
   """Summed masked NLL and trained-token count of a dev batch (token-weighted dev loss)."""
-  nll, _ = _forward_nll(graphdef, params, batch)
+  nll, _ = _forward_nll(graphdef, params, batch, frozen)
   row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])
   return row_nll.sum(), row_tokens.sum()
 
 
-def reference_nll_step(params, batch, *, graphdef, micro_rows: int = 0):
+def reference_nll_step(params, batch, frozen=None, *, graphdef, micro_rows: int = 0):
   """Masked token NLL [B, L] (fp32, 0 where not trained) for the theta_0 cache pass, `micro_rows`
   rows per forward; the host averages it per example (rows may be packed)."""
   def token_nll(rows):
-    return _forward_nll(graphdef, params, rows)[0] * rows['loss_mask']
+    return _forward_nll(graphdef, params, rows, frozen)[0] * rows['loss_mask']
   return in_micro_batches(token_nll, batch, micro_rows)
 
 

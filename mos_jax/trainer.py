@@ -47,6 +47,7 @@ from mos_jax import workdir_lock
 from mos_jax.data import bundle as data_lib
 from mos_jax.data import build_data
 from mos_jax.data import prefetch
+from mos_jax.models import lora
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class Run:
   window: list = dataclasses.field(default_factory=list)  # Unlogged step metrics at resume.
   stopped_by: str | None = None  # 'SIGTERM' / 'Ctrl-C (SIGINT)' when a signal stopped train().
   exit_code: int = 0  # What the train command exits with (130 after Ctrl-C).
+  frozen: Any = None  # LoRA: the frozen base (pure dict, never donated or saved); None without.
   eval_tasks: Any = None  # mos_jax.evaluation.TrainingTasks, made at the first evaluation.
 
   def close(self):
@@ -91,6 +93,7 @@ class Run:
 
 def _build_model(config, mesh, vocab_size: int):
   m = config.model
+  lora.check_config(config)
   options = {'dtype': m.dtype, 'param_dtype': m.param_dtype, 'remat': m.remat,
              'scan_layers': m.scan_layers, 'attention_impl': m.attention_impl or None,
              'loss_chunk': m.loss_chunk}
@@ -102,14 +105,25 @@ def _build_model(config, mesh, vocab_size: int):
   if model.config.vocab_size < vocab_size:
     raise ValueError(f'The tokenizer has {vocab_size} tokens but the model only '
                      f'{model.config.vocab_size} embeddings (model.hf_checkpoint / model.preset).')
+  if lora.enabled(m):  # qwix adapters (and a quantized base with model.quantize).
+    model = lora.add_adapters(model, m.lora, m.quantize, config.seed)
   return model
 
 
 def _initial_state(config, model, sizes, mesh):
-  """The train state at step 0 on its shardings: parameters, AdamW, the scorer at q_tau."""
-  graphdef, param_state = nnx.split(model, nnx.Param)
+  """The train state at step 0 on its shardings: parameters, AdamW, the scorer at q_tau.
+
+  With LoRA the state's params are the adapters; the frozen base comes back separately (pure
+  dict, as loaded: on the rule table's shardings), else as None.
+  """
+  if lora.enabled(config.model):
+    graphdef, param_state, frozen_state = nnx.split(model, nnx.LoRAParam, ...)
+    frozen = nnx.to_pure_dict(frozen_state)  # A quantized base's arrays land on the rule table too.
+    frozen = jax.device_put(frozen, lora.frozen_shardings(model.config, frozen, mesh))
+  else:
+    (graphdef, param_state), frozen = nnx.split(model, nnx.Param), None
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
-  params = nnx.to_pure_dict(param_state)
+  params = jax.device_put(nnx.to_pure_dict(param_state), param_shardings)
   replicated = sharding.replicated(mesh)
   with jax.set_mesh(mesh):
     optimizer = steps.make_optimizer(config.train)
@@ -125,19 +139,19 @@ def _initial_state(config, model, sizes, mesh):
       step=replicated, params=param_shardings, opt_state=opt_shardings,
       mixing=jax.tree.map(lambda _: replicated, mixing_state), bad_steps=replicated,
       skipped_steps=replicated)
-  return graphdef, state, state_shardings, optimizer
+  return graphdef, state, state_shardings, optimizer, frozen
 
 
 def _mixing_functions(config, strategy, graphdef, initial_params, param_shardings, mesh, data,
-                      workdir, is_main):
+                      workdir, is_main, frozen=None):
   """The jitted reward forward and scorer update, and the theta_0 NLL tables for a cached DIFF.
 
   theta_0 is the initial model: a resumed run rebuilds it the same way before restoring.
   """
   replicated = sharding.replicated(mesh)
   reference = config.mixing.diff_reference
-  if strategy.needs_reference and reference not in ('cache', 'device'):
-    raise ValueError(f"config.mixing.diff_reference must be 'cache' or 'device', got "
+  if strategy.needs_reference and reference not in ('cache', 'device', 'base'):
+    raise ValueError(f"config.mixing.diff_reference must be 'cache', 'device' or 'base', got "
                      f'{reference!r}.')
   reference_params = reference_tables = None
   if strategy.needs_reference and reference == 'device':
@@ -147,10 +161,11 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
   reward_step = jax.jit(
       functools.partial(steps.reward_step, graphdef=graphdef, num_datasets=len(data.names),
                         with_embeddings=strategy.needs_embeddings,
-                        micro_rows=config.data.reward_micro_batch),
+                        micro_rows=config.data.reward_micro_batch,
+                        base_reference=strategy.needs_reference and reference == 'base'),
       in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
-                    None), out_shardings=replicated)
-  reward_fn = lambda params, batch: reward_step(params, reference_params, batch)
+                    None, None), out_shardings=replicated)
+  reward_fn = lambda params, batch: reward_step(params, reference_params, batch, frozen)
   update = mixing.make_update_fn(config.mixing)
 
   def mixing_update(mixing_state, reward_out):
@@ -162,11 +177,11 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
   if strategy.needs_reference and reference == 'cache':
     nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef,
                                          micro_rows=config.data.reward_micro_batch),
-                       in_shardings=(param_shardings, None), out_shardings=replicated)
+                       in_shardings=(param_shardings, None, None), out_shardings=replicated)
     with jax.set_mesh(mesh):
       reference_tables = reference_lib.load_or_compute(
           os.path.join(workdir, 'reference_nll'), data, reference_lib.model_key(config),
-          lambda batch: nll_step(initial_params, batch),
+          lambda batch: nll_step(initial_params, batch, frozen),
           functools.partial(distributed.host_local_to_global, mesh=mesh),
           batch_size=config.data.eval_batch_size, write=is_main)
   return reward_fn, mixing_fn, reference_tables
@@ -205,14 +220,15 @@ def restore_model(config, workdir: str, step: int | None = None):
     vocab_size = len(data_lib.load_tokenizer(tokenizer_dir))
     # Only the scorer's shape depends on the dataset sizes; the restored values replace it.
     sizes = [1] * len(config.data.datasets)
-    graphdef, state, state_shardings, _ = _initial_state(
+    graphdef, state, state_shardings, _, frozen = _initial_state(
         config, _build_model(config, mesh, vocab_size), sizes, mesh)
+    _check_same_base(checkpointer.read_meta(step), config, workdir)
     target = sharding.sharded_abstract(state, state_shardings)
     jax.tree.map(lambda x: x.delete(), state)
     state, _ = checkpointer.restore(step, target)
   finally:
     checkpointer.close()
-  return nnx.merge(graphdef, state.params), step, tokenizer_dir
+  return steps.merge(graphdef, state.params, frozen), step, tokenizer_dir
 
 
 def build(config, workdir: str) -> Run:
@@ -253,23 +269,27 @@ def _build(config, workdir: str, is_main: bool) -> Run:
 
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.
-  graphdef, state, state_shardings, optimizer = _initial_state(
+  graphdef, state, state_shardings, optimizer, frozen = _initial_state(
       config, _build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh)
   param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
-  train_fn = jax.jit(
+  # With LoRA the frozen base is a third argument (on the rule-table shardings), never donated.
+  train_step = jax.jit(
       functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
                         num_datasets=num_datasets, micro_batches=config.train.micro_batches),
-      in_shardings=(state_shardings, None), out_shardings=(state_shardings, replicated),
+      in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
-                    in_shardings=(param_shardings, None), out_shardings=replicated)
+  train_fn = lambda state, batch: train_step(state, batch, frozen)
+  eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
+                      in_shardings=(param_shardings, None, None), out_shardings=replicated)
+  eval_fn = lambda params, batch: eval_step(params, batch, frozen)
   min_prob = float(config.mixing.min_prob)
   probs_fn = jax.jit(lambda mixing_state: mixing.probs(mixing_state.params, min_prob))
   reward_fn = mixing_fn = reference_tables = None
   if strategy.updates_scorer:
     reward_fn, mixing_fn, reference_tables = _mixing_functions(
-        config, strategy, graphdef, state.params, param_shardings, mesh, data, workdir, is_main)
+        config, strategy, graphdef, state.params, param_shardings, mesh, data, workdir, is_main,
+        frozen)
 
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
@@ -277,6 +297,8 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   start_step, window = 0, []
   meta = {'names': names, 'fingerprints': {n: data.fingerprint(n) for n in names},
           'loader': _loader_identity(config), 'config': json.loads(config_lib.config_to_json(config))}
+  if lora.enabled(config.model):  # Adapters resume only onto the base they were trained on.
+    meta['base'] = reference_lib.model_key(config)
   if checkpointer.latest_step() is not None:
     try:
       state, start_step, window = _resume(config, checkpointer, state, state_shardings, data,
@@ -294,7 +316,7 @@ def _build(config, workdir: str, is_main: bool) -> Run:
              graphdef=graphdef, meta=meta, state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
              eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
              checkpointer=checkpointer, writer=writer, start_step=start_step,
-             saved_step=start_step or None, window=window)
+             saved_step=start_step or None, window=window, frozen=frozen)
 
 
 def _resume(config, checkpointer, state, state_shardings, data, meta, workdir, is_main):
@@ -308,7 +330,9 @@ def _resume(config, checkpointer, state, state_shardings, data, meta, workdir, i
   jax.tree.map(lambda x: x.delete(), state)  # Free the fresh state before the saved one lands.
   while (latest := checkpointer.latest_step()) is not None:
     try:
-      _check_same_data(checkpointer.read_meta(latest), meta, workdir)
+      saved = checkpointer.read_meta(latest)
+      _check_same_data(saved, meta, workdir)
+      _check_same_base(saved, config, workdir)
       state, saved_meta = checkpointer.restore(latest, target, data.train)
     except checkpoint_lib.CheckpointUnreadable as e:
       older = [s for s in checkpointer.all_steps() if s < latest]
@@ -596,6 +620,15 @@ def _check_same_data(saved: dict, current: dict, workdir: str):
       raise ValueError(f'{workdir}: dataset {name!r} changed since the checkpoint (its tokenized '
                        f'data or data settings differ), so the loader cannot resume where it '
                        f'stopped. Restore the data and settings, or use a new workdir.')
+
+
+def _check_same_base(saved: dict, config, workdir: str):
+  """A LoRA checkpoint holds adapters only: the base re-read from model.hf_checkpoint (or the
+  preset and seed) must be the one they were trained on (files, sizes, times, dtypes, quantize)."""
+  if lora.enabled(config.model) and saved.get('base') != reference_lib.model_key(config):
+    raise ValueError(f'{workdir}: the checkpoint holds LoRA adapters for another base model '
+                     f'(model.hf_checkpoint / model.preset / seed / dtypes / model.quantize changed, '
+                     f'or its weight files were rewritten). Use the original base, or a new workdir.')
 
 
 def _save(run: Run, step: int, loader, meta: dict, say) -> bool:

@@ -44,6 +44,12 @@ def _param(value, *names):
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def _weight(param, dt):
+  """A projection weight in the compute dtype. A weight that qwix quantized (QLoRA) is no longer
+  an nnx.Param: it goes into the einsum as it is, where qwix intercepts it."""
+  return param[...].astype(dt) if isinstance(param, nnx.Variable) else param
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype):
   return INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype)
 
@@ -113,10 +119,12 @@ class Attention(nnx.Module):
   def __call__(self, x, cos, sin, segment_ids, cache=None):
     # x [B, L, D]; segment_ids [B, L] or None; with a cache (decoding), the 4th argument is the
     # cache's mask [B, 1, L, S] (kv_cache.advance) instead.
+    # Projections end in .astype(dt): a no-op here, it keeps qwix LoRA deltas (stored in the
+    # parameter dtype) from promoting the activations.
     dt = self.config.dtype
-    q = jnp.einsum('BLD,DNH->BLNH', x, self.q_proj[...].astype(dt))
-    k = jnp.einsum('BSD,DKH->BSKH', x, self.k_proj[...].astype(dt))
-    v = jnp.einsum('BSD,DKH->BSKH', x, self.v_proj[...].astype(dt))
+    q = jnp.einsum('BLD,DNH->BLNH', x, _weight(self.q_proj, dt)).astype(dt)
+    k = jnp.einsum('BSD,DKH->BSKH', x, _weight(self.k_proj, dt)).astype(dt)
+    v = jnp.einsum('BSD,DKH->BSKH', x, _weight(self.v_proj, dt)).astype(dt)
     if self.config.qkv_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -127,7 +135,7 @@ class Attention(nnx.Module):
       return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt)), cache
     # Causal within segments, grouped-query (K < N), scale 1/sqrt(H); the kernel per platform.
     out = attention_lib.attend(q, k, v, segment_ids, self.config.attention_impl)  # [B, L, N, H]
-    return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt))
+    return jnp.einsum('BLNH,NHD->BLD', out, _weight(self.o_proj, dt)).astype(dt)
 
 
 class MLP(nnx.Module):
@@ -142,13 +150,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x):  # [B, L, D]
     dt = self.config.dtype
-    gate = jnp.einsum('BLD,DF->BLF', x, self.gate_proj[...].astype(dt))
-    up = jnp.einsum('BLD,DF->BLF', x, self.up_proj[...].astype(dt))
+    gate = jnp.einsum('BLD,DF->BLF', x, _weight(self.gate_proj, dt)).astype(dt)
+    up = jnp.einsum('BLD,DF->BLF', x, _weight(self.up_proj, dt)).astype(dt)
     if self.config.activation == 'silu':
       act = jax.nn.silu(gate)
     else:  # GeGLU with the tanh approximation (HF gelu_pytorch_tanh).
       act = jax.nn.gelu(gate, approximate=True)
-    return jnp.einsum('BLF,FD->BLD', act * up, self.down_proj[...].astype(dt))
+    return jnp.einsum('BLF,FD->BLD', act * up, _weight(self.down_proj, dt)).astype(dt)
 
 
 class Block(nnx.Module):

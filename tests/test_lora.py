@@ -1,0 +1,329 @@
+"""LoRA / QLoRA through qwix: adapter counts, zero-init parity, PEFT and transformers parity,
+quantized-base tolerance, and the trainer (frozen base, exact resume, DIFF 'base')."""
+
+import copy
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from mos_jax import models
+from mos_jax import steps
+from mos_jax import trainer
+from mos_jax.models import lora
+from demo_run import demo_config
+
+VOCAB = 96
+HF_CONFIGS = {  # One tiny model per family (GQA untied Llama, biased tied Qwen2, MQA GeGLU Gemma).
+    'llama': lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False),
+    'qwen2': lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    'gemma': lambda: transformers.GemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+}
+
+
+def _lora_config(rank=4, alpha=8.0, targets='.*/(attn|mlp)'):
+  c = ml_collections.ConfigDict()
+  c.rank, c.alpha, c.targets, c.dropout = rank, alpha, targets, 0.0
+  return c
+
+
+def _tiny(vocab=64, scan_layers=False):
+  return models.init_model(models.get_preset('tiny', vocab_size=vocab, scan_layers=scan_layers),
+                           seed=0)
+
+
+def _logits(model, tokens):
+  return np.asarray(model(jnp.asarray(tokens)).logits)
+
+
+def test_trainable_count_is_the_hand_count():
+  model = _tiny()
+  c = model.config
+  for rank, targets, per_layer in [
+      # q, k, v, o: A [in, r] and B [r, out] each; gate, up, down likewise.
+      (4, '.*/(attn|mlp)', lambda r, d, n, k, h, f: (
+          (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d)
+          + 2 * (d * r + r * f) + (f * r + r * d))),
+      (2, '.*/attn', lambda r, d, n, k, h, f: (
+          (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d))),
+  ]:
+    adapted = lora.add_adapters(model, _lora_config(rank, targets=targets))
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(adapted, nnx.LoRAParam)))
+    hand = c.num_layers * per_layer(rank, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                    c.intermediate_size)
+    assert count == hand, (rank, targets)
+  # The base parameters are untouched: same count as the plain model.
+  base = sum(math.prod(x.shape) for x in jax.tree.leaves(
+      nnx.state(adapted, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
+  assert base == models.param_count(c)
+  # Scanned layers get the same adapters, stacked on [Y].
+  stacked = lora.add_adapters(_tiny(scan_layers=True), _lora_config(2, targets='.*/attn'))
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(
+      nnx.state(stacked, nnx.LoRAParam))) == count
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_zero_init_lora_gives_the_base_logits_exactly(scan_layers):
+  model = _tiny(scan_layers=scan_layers)
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
+  adapted = lora.add_adapters(model, _lora_config())
+  np.testing.assert_array_equal(_logits(adapted, tokens), _logits(model, tokens))
+  # And the adapters are live: a non-zero B changes the logits.
+  a = adapted.layers.attn if scan_layers else adapted.layers[0].attn
+  a.q_proj_lora_b[...] = jnp.ones_like(a.q_proj_lora_b[...])
+  assert np.abs(_logits(adapted, tokens) - _logits(model, tokens)).max() > 1e-3
+
+
+def _random_adapters(model, seed):
+  """Every B random (A is already random): an adapter that changes the model visibly."""
+  rng = np.random.default_rng(seed)
+  for _, name, module in lora.adapter_pairs(model):
+    b = getattr(module, name + '_lora_b')
+    b[...] = jnp.asarray(0.3 * rng.standard_normal(b[...].shape), b[...].dtype)
+
+
+@pytest.mark.parametrize('family,scan_layers', [('llama', False), ('qwen2', False),
+                                                ('gemma', False), ('llama', True)])
+def test_peft_and_merged_exports_match_our_adapted_model(family, scan_layers, tmp_path):
+  import peft
+  torch.manual_seed(0)
+  base_torch = transformers.AutoModelForCausalLM.from_config(
+      HF_CONFIGS[family](), dtype=torch.float32, attn_implementation='eager').eval()
+  base_dir = tmp_path / 'base'
+  base_torch.save_pretrained(base_dir)
+  ours = lora.add_adapters(models.load_hf(base_dir, scan_layers=scan_layers), _lora_config(4, 8.0),
+                           seed=1)
+  _random_adapters(ours, 2)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
+  want = _logits(ours, tokens)
+
+  lora.save_peft(ours, _lora_config(4, 8.0), str(tmp_path / 'adapter'))
+  saved = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert saved['target_modules'] == sorted(lora.HF_MODULES)
+  with torch.no_grad():
+    peft_model = peft.PeftModel.from_pretrained(base_torch, tmp_path / 'adapter').eval()
+    got = peft_model(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+  assert np.abs(want - _logits(models.load_hf(base_dir), tokens)).max() > 1e-2  # Adapters matter.
+
+  models.save_hf(lora.merged_model(ours, _lora_config(4, 8.0)), tmp_path / 'merged')
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'merged', dtype=torch.float32, attn_implementation='eager').eval()
+  with torch.no_grad():
+    got = merged(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+
+
+def _lora_run_config(tmp_path, **train):
+  config = demo_config(tmp_path, **train)  # Scanned layers (the default).
+  config.model.lora.rank = 4
+  config.mixing.diff_reference = 'base'
+  return config
+
+
+def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
+  config = _lora_run_config(tmp_path, train__steps=8, train__checkpoint_every=4,
+                            train__log_every=2, train__eval_every=4, train__eval_batches=1)
+  config.mixing.update_every = 2
+  straight = str(tmp_path / 'straight')
+  run = trainer.build(config, straight)
+  base_before = jax.device_get(run.frozen)
+  adapters_before = jax.device_get(run.state.params)
+  trainer.train(run)
+  final_straight = jax.tree.leaves(jax.device_get(run.state))
+  # The frozen base is bit-identical after training; every B moved off zero; AdamW holds
+  # moments for the adapters only.
+  for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(run.frozen))):
+    np.testing.assert_array_equal(a, b)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), adapters_before,
+                       jax.device_get(run.state.params))
+  assert min(jax.tree.leaves(moved)) > 0
+  adapter_count = sum(x.size for x in jax.tree.leaves(adapters_before))
+  moments = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim > 0]
+  assert sum(x.size for x in moments) == 2 * adapter_count
+
+  resumed = str(tmp_path / 'resumed')
+  run = trainer.build(copy.deepcopy(config), resumed)
+  loader = run.data.train
+  real_next = type(loader).__next__
+  calls = {'n': 0}
+
+  class Crash(Exception):
+    pass
+
+  def crashing_next(self):
+    calls['n'] += 1
+    if calls['n'] > 5:  # Dies in step 6, after the checkpoint at step 4.
+      raise Crash()
+    return real_next(self)
+
+  type(loader).__next__ = crashing_next
+  try:
+    with pytest.raises(Crash):
+      trainer.train(run)
+  finally:
+    type(loader).__next__ = real_next
+  run = trainer.build(copy.deepcopy(config), resumed)
+  assert run.start_step == 4
+  trainer.train(run)
+  for a, b in zip(final_straight, jax.tree.leaves(jax.device_get(run.state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lines = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
+                     for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+  assert lines(straight) == lines(resumed)
+  assert any('reward/' in k for line in lines(resumed) for k in line)
+
+  # Another base under the same workdir is refused.
+  other = copy.deepcopy(config)
+  other.model.dtype = 'bfloat16'
+  with pytest.raises(ValueError, match='another base model'):
+    trainer.build(other, resumed)
+
+  # Export: the PEFT tensors are the checkpoint's adapters in [out, in] layout.
+  from mos_jax import export
+  export.export(copy.deepcopy(config), resumed, str(tmp_path / 'adapter'), adapters_only=True)
+  import safetensors.numpy
+  tensors = safetensors.numpy.load_file(tmp_path / 'adapter' / 'adapter_model.safetensors')
+  a = np.asarray(jax.device_get(run.state.params['layers']['attn']['q_proj_lora_a']))[1]
+  np.testing.assert_array_equal(
+      tensors['base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight'], a.T)
+  assert len(tensors) == 2 * 7 * models.get_preset('tiny').num_layers
+
+
+def test_diff_base_reference_equals_device_and_cache_at_step_0(tmp_path):
+  nll0 = {}
+  for reference in ('base', 'device', 'cache'):
+    config = _lora_run_config(tmp_path, train__steps=2, train__eval_batches=1)
+    config.mixing.diff_reference = reference
+    run = trainer.build(config, str(tmp_path / reference))
+    batch = trainer._stack_reward_batches(run.data.train.reward_batches(), run.data.names)
+    if run.reference_tables is not None:
+      batch['nll0'] = trainer.reference_lib.lookup(run.reference_tables, run.data.names, batch)
+    with jax.set_mesh(run.mesh):
+      out = jax.device_get(run.reward_fn(run.state.params, trainer.distributed.host_local_to_global(
+          batch, run.mesh)))
+    nll0[reference] = np.asarray(out['nll0'])
+    if reference == 'base':  # At step 0 the adapters are zero: theta == theta_0 exactly.
+      np.testing.assert_array_equal(out['nll'], out['nll0'])
+    run.data.close()
+    run.checkpointer.close()
+  np.testing.assert_array_equal(nll0['base'], nll0['device'])
+  np.testing.assert_allclose(nll0['base'], nll0['cache'], rtol=1e-5)
+
+
+# Relative logit error ||q - ref|| / ||ref|| of a QLoRA base (zero adapters) against the
+# unquantized one, on the random tiny model (Gaussian weights, the hard case for 4 bits).
+QLORA_TOLERANCE = {'int8': 0.02, 'int4': 0.3, 'nf4': 0.3}
+
+
+@pytest.fixture(scope='module')
+def qlora_base(tmp_path_factory):
+  torch.manual_seed(0)
+  folder = tmp_path_factory.mktemp('qlora_base')
+  transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=32), dtype=torch.float32
+  ).save_pretrained(folder)
+  return folder
+
+
+@pytest.mark.parametrize('quantize', tuple(QLORA_TOLERANCE))
+def test_qlora_forward_within_tolerance_and_trains_adapters(quantize, qlora_base):
+  model = models.load_hf(qlora_base, scan_layers=False)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+  ref = _logits(model, tokens)
+  adapted = lora.add_adapters(model, _lora_config(), quantize)
+  got = _logits(adapted, tokens)
+  err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+  assert 0 < err < QLORA_TOLERANCE[quantize], err
+  # Scanned layers quantize each layer the same way (stacked): the same logits.
+  scanned = lora.add_adapters(models.load_hf(qlora_base, scan_layers=True), _lora_config(),
+                              quantize)
+  np.testing.assert_allclose(_logits(scanned, tokens), got, atol=1e-5, rtol=1e-5)
+  # The frozen weights are qwix quantized arrays of the requested type; adapters stay fp32.
+  graphdef, params, frozen = nnx.split(adapted, nnx.LoRAParam, ...)
+  qvalue = nnx.to_pure_dict(frozen)['layers'][0]['mlp']['up_proj']['array']['qvalue']
+  assert qvalue.shape == (128, 256)
+  assert str(qvalue.dtype) == {'int8': 'int8', 'int4': 'int4', 'nf4': 'uint4'}[quantize]
+  # Gradients reach every adapter through the quantized base (B starts at zero, so A's gradient
+  # is zero at step 0: only B is checked).
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  loss = lambda p: steps.merge(graphdef, p, frozen)(jnp.asarray(tokens)).logits.std()
+  grads = jax.jit(jax.grad(loss))(params)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    if 'lora_b' in jax.tree_util.keystr(path):
+      assert float(jnp.abs(g).max()) > 0, path
+
+
+SHARDED_SCRIPT = '''
+import json, sys
+import jax
+from ml_collections import config_dict
+from mos_jax import trainer
+assert jax.device_count() == 8
+config = config_dict.ConfigDict(json.loads(sys.argv[1]))
+config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2
+run = trainer.build(config, sys.argv[2])
+big = [x for x in jax.tree.leaves(run.frozen) if x.size >= 64 * 64]
+assert big and all(not x.sharding.is_fully_replicated for x in big)
+trainer.train(run)
+'''
+
+
+@pytest.mark.slow
+def test_sharded_qlora_matches_one_device(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from demo_run import REPO
+  config = _lora_run_config(tmp_path, train__steps=3, train__log_every=1, train__eval_every=0,
+                            train__eval_batches=1)
+  config.model.quantize = 'nf4'
+  config.mixing.update_every = 1
+  trainer.train(trainer.build(copy.deepcopy(config), str(tmp_path / 'one')))
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
+  done = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, config.to_json(),
+                         str(tmp_path / 'mesh')], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-4000:]
+  read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
+                    for r in trainer.metrics_lib.read_metrics(str(tmp_path / d / 'metrics.jsonl'))]
+  one, mesh = read('one'), read('mesh')
+  assert [r['step'] for r in one] == [r['step'] for r in mesh]
+  assert any(k.startswith('reward/') for k in one[-1])
+  for a, b in zip(one, mesh):
+    for key in a:
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_lora_runs_mospec_cossim_and_static(tmp_path):
+  """The other strategy paths (pooled embeddings for COSSIM, no scorer for static) with adapters."""
+  for strategy, reward in (('mospec', 'cossim'), ('static', 'diff')):
+    config = _lora_run_config(tmp_path, train__steps=2, train__log_every=1, train__eval_every=0,
+                              train__eval_batches=1)
+    config.mixing.strategy, config.mixing.reward, config.mixing.target = strategy, reward, 'math'
+    config.mixing.update_every = 1
+    run = trainer.build(config, str(tmp_path / strategy))
+    before = jax.device_get(run.state.params)
+    summary = trainer.train(run)
+    assert summary
+    lines = trainer.metrics_lib.read_metrics(str(tmp_path / strategy / 'metrics.jsonl'))
+    assert any(k.startswith('reward/') for k in lines[-1]) == (strategy == 'mospec')
+    assert all(np.isfinite(line['train/loss']) for line in lines if 'train/loss' in line)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before,
+                         jax.device_get(run.state.params))
+    assert max(jax.tree.leaves(moved)) > 0
