@@ -1,0 +1,122 @@
+"""The reward step: computes exactly the signals a strategy declares (base.SIGNALS), in one jit.
+
+Pure and unjitted like mos_jax.steps; the trainer jits `signal_step` once with shardings.
+`batches['train']` holds one train reward batch of every dataset and `batches['dev']` one dev
+batch of every dataset, each [b * N] rows, example-major (row j * N + i is example j of
+dataset i). Shapes: N datasets, b examples per dataset, L tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+
+from mos_jax import loss as loss_lib
+from mos_jax import steps
+from mos_jax.mixing import base
+from mos_jax.mixing import rewards
+
+
+def batches_needed(signals) -> tuple[str, ...]:
+  """Which reward batches ('train', 'dev') the signals read."""
+  signals = frozenset(signals)
+  return tuple(k for k, group in (('train', base.TRAIN_BATCH_SIGNALS),
+                                  ('dev', base.DEV_BATCH_SIGNALS)) if signals & group)
+
+
+def _per_dataset(x, num_datasets):
+  """[b * N, ...] example-major -> [N, b, ...]."""
+  return x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
+
+
+def param_paths(params) -> list[str]:
+  """'layers/3/mlp/up_proj'-style names of the parameter leaves, in tree order."""
+  return ['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def gradient_mask(params, pattern: str) -> tuple[bool, ...]:
+  """Which leaves MultiDDS differentiates: those whose path matches `pattern` ('' = all)."""
+  paths = param_paths(params)
+  if not pattern:
+    return tuple(True for _ in paths)
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'mixing.grad_params={pattern!r} is not a regular expression: {e}') from None
+  mask = tuple(bool(regex.search(p)) for p in paths)
+  if not any(mask):
+    raise ValueError(f'mixing.grad_params={pattern!r} matches no parameter; parameter names look '
+                     f'like {paths[:3]} ... {paths[-2:]}.')
+  return mask
+
+
+def example_uncertainty(graphdef, params, batch):
+  """Per-row mean predictive entropy and mean NLL over trained tokens, from one forward."""
+  out = steps._forward(graphdef, params, batch)  # pylint: disable=protected-access
+  logits = out.logits.astype(jnp.float32)  # [B, L, V]
+  entropy = rewards.token_entropy(logits)  # [B, L]
+  nll = loss_lib.token_nll(logits, batch['targets'])  # [B, L]
+  mean_entropy, valid = loss_lib.per_example_mean_nll(entropy, batch['loss_mask'])
+  mean_nll, _ = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
+  return mean_entropy, mean_nll, valid
+
+
+def gradient_cosines(params, train_batch, dev_batch, *, graphdef, num_datasets: int,
+                     mask: tuple[bool, ...]):
+  """MultiDDS: cos(grad L(train batch of i), grad L(dev batches of all datasets)) [N].
+
+  At most two gradient-sized buffers live: the dev gradient, then one dataset's gradient at a time
+  (a sequential map that reduces each to a dot product and a norm). `mask` restricts both
+  gradients to a subset of parameter leaves. Losses are token sums: cosines ignore the scale.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  chosen = [x for x, m in zip(leaves, mask) if m]
+
+  def loss(sub, batch):
+    it = iter(sub)
+    full = jax.tree.unflatten(treedef, [next(it) if m else jax.lax.stop_gradient(x)
+                                        for x, m in zip(leaves, mask)])
+    total, _ = steps._sum_loss(full, graphdef, batch, num_datasets)  # pylint: disable=protected-access
+    return total
+
+  f32_dot = lambda a, b: sum(jnp.vdot(x, y, preferred_element_type=jnp.float32)
+                             for x, y in zip(a, b))
+  dev_grad = jax.grad(loss)(chosen, dev_batch)
+  dev_norm = jnp.sqrt(f32_dot(dev_grad, dev_grad))
+
+  def one(batch_i):
+    g = jax.grad(loss)(chosen, batch_i)
+    return f32_dot(g, dev_grad), jnp.sqrt(f32_dot(g, g))
+
+  dots, norms = jax.lax.map(one, jax.tree.map(lambda x: _per_dataset(x, num_datasets),
+                                              train_batch))  # [N], [N]
+  return dots / jnp.maximum(norms * dev_norm, 1e-20)
+
+
+def signal_step(params, reference_params, batches, *, graphdef, num_datasets: int, signals,
+                grad_mask: tuple[bool, ...] | None = None):
+  """The declared `signals` (and the valid masks that go with them) as a dict of arrays."""
+  signals = frozenset(signals)
+  unknown = signals - set(base.SIGNALS)
+  if unknown:
+    raise ValueError(f'unknown signals {sorted(unknown)}; known: {sorted(base.SIGNALS)}.')
+  out = {}
+  if signals & {'embeddings', 'nll', 'nll0'}:
+    out.update(steps.reward_step(params, reference_params, batches['train'], graphdef=graphdef,
+                                 num_datasets=num_datasets,
+                                 with_embeddings='embeddings' in signals))
+  if signals & {'dev_entropy', 'dev_nll'}:
+    entropy, nll, valid = example_uncertainty(graphdef, params, batches['dev'])
+    out['dev_valid'] = _per_dataset(valid, num_datasets)
+    if 'dev_entropy' in signals:
+      out['dev_entropy'] = _per_dataset(entropy, num_datasets)
+    if 'dev_nll' in signals:
+      out['dev_nll'] = _per_dataset(nll, num_datasets)
+  if 'grad_cos' in signals:
+    mask = grad_mask if grad_mask is not None else tuple(True for _ in jax.tree.leaves(params))
+    out['grad_cos'] = gradient_cosines(params, batches['train'], batches['dev'],
+                                       graphdef=graphdef, num_datasets=num_datasets, mask=mask)
+  return out
