@@ -2,12 +2,14 @@
 
 Every mixing.update_every steps, on the train reward batches (the same batches and theta_0 NLLs as
 MoS's DIFF, so the theta_0 cache is reused): the per-dataset excess loss
-  lambda_i = max(L_theta(i) - L_theta0(i), 0),  L(i) = mean per-example NLL of dataset i's batch,
+  lambda_i = mean over dataset i's examples x of max(l_theta(x) - l_theta0(x), 0),
+with l(x) an example's mean token NLL (DoReMi clips per token; the theta_0 cache holds one NLL per
+example, so here the clip is per example),
 then the exponentiated-gradient step with step size eta, smoothed towards uniform by c:
   a'_i = a_i exp(eta lambda_i) / sum_j a_j exp(eta lambda_j),   a <- (1 - c) a' + c / N.
 Sampling uses a (starting at q_tau). Note: fine-tuning from theta_0 mostly lowers the loss, so the
-excess is often 0 and the weights then drift only by the smoothing; DoReMi's original reference
-is a separately trained model.
+excess is often 0 (only examples the model got worse at count: forgetting) and the weights then
+drift only by the smoothing; DoReMi's original reference is a separately trained model.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class DoReMiState:
 
 
 def excess_loss(nll, nll0, valid):
-  """max(L_theta - L_theta0, 0) per dataset from per-example NLLs [N, b] -> [N]."""
-  return jnp.maximum(base.masked_mean(nll, valid) - base.masked_mean(nll0, valid), 0.0)
+  """Mean over valid examples of max(nll - nll0, 0): per-example NLLs [N, b] -> [N]."""
+  return base.masked_mean(jnp.maximum(nll - nll0, 0.0), valid)
 
 
 def eg_step(weights, excess, eta: float, smoothing: float):
