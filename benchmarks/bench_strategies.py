@@ -8,9 +8,9 @@ overhead: every strategy runs the real training loop (`mos_jax.trainer`) in this
 first window (compiles) is dropped, strategies alternate over `--repeats` rounds, and the median
 seconds per step is printed as a ratio to static's.
 memory: lowers MultiDDS's reward step (`signals.signal_step` with the `grad_cos` signal) for a
-preset in bf16 on one CPU device and compiles it ahead of time; its temporary memory is compared
-with that of one plain backward pass over the same rows (activations only: its gradient is an
-output) in units of the model's gradient size. The design bound is 2 gradient-sized buffers (the
+preset (bf16 by default) on one CPU device and compiles it ahead of time; its temporary memory is
+compared with that of one plain backward pass over one chunk of the same rows (activations only:
+its gradient is an output) in units of the model's gradient size. The design bound is 2 gradient-sized buffers (the
 dev gradient, then one dataset's gradient at a time). XLA:CPU buffer assignment, not a TPU/GPU's.
 """
 
@@ -77,7 +77,7 @@ def memory(args):
   from mos_jax import models, steps
   from mos_jax.mixing import signals
   n = args.datasets
-  cfg = models.get_preset(args.preset, dtype='bfloat16', param_dtype='bfloat16', remat=True,
+  cfg = models.get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, remat=True,
                           scan_layers=True)
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: models.Decoder(cfg, rngs=nnx.Rngs(0))),
                                  nnx.Param)
@@ -98,10 +98,10 @@ def memory(args):
   dds_mem = dds.lower(params, batches={'train': batch(rows), 'dev': batch(rows)}).compile(
       ).memory_analysis()
   one = jax.jit(jax.grad(lambda p, b: steps._sum_loss(p, graphdef, b, n)[0]))  # pylint: disable=protected-access
-  one_mem = one.lower(params, batch(rows)).compile().memory_analysis()
+  one_mem = one.lower(params, batch(args.rows)).compile().memory_analysis()  # one chunk
   gib = 2**30
   extra = (dds_mem.temp_size_in_bytes - one_mem.temp_size_in_bytes) / grad_bytes
-  out = {'preset': args.preset, 'dtype': 'bfloat16', 'rows_per_dataset': args.rows,
+  out = {'preset': args.preset, 'dtype': args.dtype, 'rows_per_dataset': args.rows,
          'datasets': n, 'seq': args.seq, 'grad_params': args.grad_params or '(all)',
          'gradient_gib': round(grad_bytes / gib, 3),
          'multidds_temp_gib': round(dds_mem.temp_size_in_bytes / gib, 3),
@@ -123,6 +123,7 @@ def main():
   m.add_argument('--rows', type=int, default=1, help='examples per dataset in each reward batch')
   m.add_argument('--seq', type=int, default=128)
   m.add_argument('--grad_params', default='')
+  m.add_argument('--dtype', default='bfloat16', help='parameter and compute dtype')
   args = p.parse_args()
   overhead(args) if args.what == 'overhead' else memory(args)
 

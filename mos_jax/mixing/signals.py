@@ -64,35 +64,65 @@ def example_uncertainty(graphdef, params, batch):
   return mean_entropy, mean_nll, valid
 
 
+_LOSS_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids', 'dataset_ids')
+
+
+def _pad_length(batch, length):
+  """Pads [..., L] token arrays to `length` with padding positions (segment 0, no loss)."""
+  return {k: (jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, length - v.shape[-1])])
+              if k != 'dataset_ids' else v) for k, v in batch.items()}
+
+
+def _pad_rows(batch, rows):
+  """Pads [N, b, ...] chunks to `rows` rows with copies of the last row that train nothing."""
+  b = batch['tokens'].shape[1]
+  out = {k: jnp.pad(v, [(0, 0), (0, rows - b)] + [(0, 0)] * (v.ndim - 2), mode='edge')
+         for k, v in batch.items()}
+  out['loss_mask'] = out['loss_mask'] * (jnp.arange(rows) < b)[None, :, None]
+  return out
+
+
 def gradient_cosines(params, train_batch, dev_batch, *, graphdef, num_datasets: int,
                      mask: tuple[bool, ...]):
   """MultiDDS: cos(grad L(train batch of i), grad L(dev batches of all datasets)) [N].
 
-  At most two gradient-sized buffers live: the dev gradient, then one dataset's gradient at a time
-  (a sequential map that reduces each to a dot product and a norm). `mask` restricts both
-  gradients to a subset of parameter leaves. Losses are token sums: cosines ignore the scale.
+  One sequential loop of 2N backward passes over b-row chunks: the first N add the dev chunks'
+  gradients into the dev gradient (token-sum losses, so the chunks' gradients add up to the whole
+  dev batch's), the next N take dataset i's train batch and reduce its gradient to a dot product
+  with the dev gradient and a norm. So at most two gradient-sized buffers live (the dev gradient
+  and the current one) and every pass reuses the same activation memory. `mask` restricts both
+  gradients to a subset of parameter leaves. Cosines ignore the losses' scale.
   """
   leaves, treedef = jax.tree.flatten(params)
   chosen = [x for x, m in zip(leaves, mask) if m]
 
   def loss(sub, batch):
     it = iter(sub)
-    full = jax.tree.unflatten(treedef, [next(it) if m else jax.lax.stop_gradient(x)
-                                        for x, m in zip(leaves, mask)])
+    full = jax.tree.unflatten(treedef, [next(it) if m else x for x, m in zip(leaves, mask)])
     total, _ = steps._sum_loss(full, graphdef, batch, num_datasets)  # pylint: disable=protected-access
     return total
 
-  f32_dot = lambda a, b: sum(jnp.vdot(x, y, preferred_element_type=jnp.float32)
+  # Elementwise product and sum in one fused reduction: no float32 copy of a gradient.
+  f32_dot = lambda a, b: sum(jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
                              for x, y in zip(a, b))
-  dev_grad = jax.grad(loss)(chosen, dev_batch)
+  dev = {k: _per_dataset(dev_batch[k], num_datasets) for k in _LOSS_KEYS}  # [N, b, L_dev]
+  train = {k: _per_dataset(train_batch[k], num_datasets) for k in _LOSS_KEYS}  # [N, b, L]
+  length = max(dev['tokens'].shape[-1], train['tokens'].shape[-1])
+  rows = max(dev['tokens'].shape[1], train['tokens'].shape[1])
+  dev, train = (_pad_rows(_pad_length(b, length), rows) for b in (dev, train))
+  chunks = {k: jnp.concatenate([dev[k], train[k]]) for k in _LOSS_KEYS}  # [2N, b, L]
+
+  def body(dev_grad, xs):
+    k, batch = xs
+    g = jax.grad(loss)(chosen, batch)
+    adding = k < num_datasets
+    dev_grad = [d + x * adding.astype(x.dtype) for d, x in zip(dev_grad, g)]
+    return dev_grad, (f32_dot(g, dev_grad), f32_dot(g, g))
+
+  zeros = [jnp.zeros_like(x) for x in chosen]
+  dev_grad, (dots, squares) = jax.lax.scan(body, zeros, (jnp.arange(2 * num_datasets), chunks))
   dev_norm = jnp.sqrt(f32_dot(dev_grad, dev_grad))
-
-  def one(batch_i):
-    g = jax.grad(loss)(chosen, batch_i)
-    return f32_dot(g, dev_grad), jnp.sqrt(f32_dot(g, g))
-
-  dots, norms = jax.lax.map(one, jax.tree.map(lambda x: _per_dataset(x, num_datasets),
-                                              train_batch))  # [N], [N]
+  dots, norms = dots[num_datasets:], jnp.sqrt(squares[num_datasets:])  # [N]
   return dots / jnp.maximum(norms * dev_norm, 1e-20)
 
 
