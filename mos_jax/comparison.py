@@ -230,9 +230,10 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
   best_static = min(statics, key=lambda n: table[n]['mean'][0]) if statics else None
   target = table[best_static]['mean'][0] if best_static else None
   static_step_s = (np.mean([table[n]['train_s'][0] for n in statics]) / steps) if statics else None
-  for name, row in table.items():
+  for row in table.values():
     row['steps_to_target'] = _steps_to(row['curve'], target) if target is not None else None
-    base_steps = table[best_static]['steps_to_target'] if best_static else None
+  base_steps = table[best_static]['steps_to_target'] if best_static else None
+  for row in table.values():
     row['speedup'] = (base_steps / row['steps_to_target']
                       if base_steps and row['steps_to_target'] else None)
     row['overhead'] = (row['train_s'][0] / steps / static_step_s - 1.0) if static_step_s else None

@@ -55,7 +55,7 @@ def test_compare_end_to_end_and_collect(tmp_path):
   names = list(entries)
   workdir = tmp_path / 'cmp'
   base = [sys.executable, '-m', 'mos_jax.compare', '--config', f'{REPO}/configs/demo.py',
-          '--workdir', str(workdir), '--strategies', 'uni,odm',
+          '--workdir', str(workdir), '--strategies', 'odm,uni',  # learned first
           f'--config.data.demo_dir={data_dir}', f'--config.data.tokenizer={data_dir}/tokenizer',
           '--config.train.steps=4', '--config.train.eval_every=2', '--config.train.log_every=2',
           '--config.train.eval_batches=1', '--config.train.checkpoint_every=0',

@@ -1,4 +1,5 @@
-"""MultiDDS, MultiUAT and ODM on 8 simulated devices (mesh 2 x 2 x 2) give one device's numbers."""
+"""MultiDDS and MultiUAT (the new signals: gradients, dev entropy) on 8 simulated devices (mesh
+2 x 2 x 2) give one device's numbers."""
 
 import json
 import os
@@ -13,7 +14,7 @@ from mos_jax import metrics as metrics_lib
 from mos_jax import trainer
 from demo_run import REPO, demo_config
 
-STRATEGIES = ['multidds', 'multiuat', 'odm']
+STRATEGIES = ['multidds', 'multiuat']
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
