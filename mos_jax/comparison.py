@@ -256,7 +256,10 @@ def _verdict(table, learned, best_static, seeds) -> str:
   diffs = [table[best]['per_seed_mean'][s] - table[best_static]['per_seed_mean'][s]
            for s in paired]
   diff, spread = _mean_std(diffs)
-  word = 'beats' if diff < 0 else 'does not beat'
+  if abs(diff) <= spread:
+    word = 'is within the seed spread of'
+  else:
+    word = 'beats' if diff < 0 else 'loses to'
   return (f'verdict: best learned {best} ({table[best]["mean"][0]:.4f}) {word} best static '
           f'{best_static} ({table[best_static]["mean"][0]:.4f}): mean dev loss difference '
           f'{diff:+.4f} ± {spread:.4f} (std over {len(paired)} paired seeds; lower is better)')
@@ -350,9 +353,10 @@ def _plot_convergence(path, table, target):
   if not table:
     return
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for name, row in table.items():
+  colors = plt.get_cmap('tab20').colors  # 11 strategies: more than the default 10 colors
+  for i, (name, row) in enumerate(table.items()):
     steps = sorted(row['curve'])
-    ax.plot(steps, [row['curve'][s] for s in steps], label=name,
+    ax.plot(steps, [row['curve'][s] for s in steps], label=name, color=colors[i % len(colors)],
             linestyle='--' if is_static(name) else '-')
   if target is not None:
     ax.axhline(target, color='grey', linewidth=0.8, linestyle=':')
