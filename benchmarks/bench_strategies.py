@@ -5,7 +5,8 @@
 
 overhead: every strategy runs the real training loop (`mos_jax.trainer`) in this one process with
 `log_every = update_every`, so each logged window of S steps holds exactly one reward step; the
-first window (compiles) is dropped, strategies alternate over `--repeats` rounds, and the median
+first window (compiles) is dropped, strategies alternate over `--repeats` rounds (each round
+starts with the next strategy), and the median
 seconds per step is printed as a ratio to static's.
 memory: lowers MultiDDS's reward step (`signals.signal_step` with the `grad_cos` signal) for a
 preset (bf16 by default) on one CPU device and compiles it ahead of time; its temporary memory is
@@ -52,8 +53,10 @@ def overhead(args):
   base.train.checkpoint_every = 0
   base.train.progress_bar = False
   times = {k: [] for k in VARIANTS}
-  for _ in range(args.repeats):
-    for name, mixing in VARIANTS.items():
+  names = list(VARIANTS)
+  for r in range(args.repeats):
+    for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who runs first
+      mixing = VARIANTS[name]
       c = copy.deepcopy(base)
       c.mixing.update(mixing)
       with tempfile.TemporaryDirectory() as workdir:
