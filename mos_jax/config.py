@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.progress_bar = True  # Show a tqdm progress bar on process 0.
 
   c.mixing = ml_collections.ConfigDict()
-  c.mixing.strategy = 'mos'  # 'static', 'mos' or 'mospec'.
+  c.mixing.strategy = 'mos'  # 'static', 'mos', 'mospec', 'multidds', 'multiuat', 'odm' or 'doremi'.
   c.mixing.reward = 'diff'  # 'cossim' or 'diff'.
   c.mixing.ema = True  # Smooth rewards with an EMA (Eq. 11).
   c.mixing.ema_alpha = 0.9  # Weight of the new reward in the EMA.
@@ -91,6 +91,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixing.min_prob = 0.0  # Probability floor mixed into the scorer output (0 = off).
   c.mixing.diff_reference = 'cache'  # DIFF's theta_0: 'cache' (precomputed NLLs), 'device' (a copy of the initial parameters) or 'base' (LoRA: the frozen base with adapters off, no copy).
   c.mixing.reference_dtype = 'float32'  # Dtype of the on-device theta_0 copy.
+  c.mixing.grad_params = ''  # MultiDDS: regex of the parameters whose gradients are compared ('' = all).
+  c.mixing.uncertainty = 'entropy'  # MultiUAT: 'entropy' (mean predictive token entropy) or 'nll'.
+  c.mixing.odm_alpha = 0.9  # ODM: smoothing of the importance-weighted loss reward.
+  c.mixing.doremi_eta = 1.0  # DoReMi: step size of the exponentiated-gradient update.
+  c.mixing.doremi_smoothing = 1e-3  # DoReMi: weight c of the uniform mixed into the weights.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # Data-parallel axis size (-1 = the rest of the devices).

@@ -109,6 +109,8 @@ def _problems(config) -> list[str]:
   number('mixing.scorer_hidden', 0, integer=True)
   number('mixing.scorer_lr', 0, low_open=True)
   number('mixing.inner_steps', 1, integer=True)
+  if 'doremi_smoothing' in x:
+    number('mixing.doremi_smoothing', 0, 1)
   n = len(d.datasets)
   if n:
     number('mixing.min_prob', 0, 1 / n)

@@ -48,6 +48,7 @@ from mos_jax.data import bundle as data_lib
 from mos_jax.data import build_data
 from mos_jax.data import prefetch
 from mos_jax.models import lora
+from mos_jax.mixing import signals as signals_lib
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ def _build_model(config, mesh, vocab_size: int):
   return model
 
 
-def _initial_state(config, model, sizes, mesh):
-  """The train state at step 0 on its shardings: parameters, AdamW, the scorer at q_tau.
+def _initial_state(config, model, sizes, mesh, strategy):
+  """The train state at step 0 on its shardings: parameters, AdamW, the strategy's start.
 
   With LoRA the state's params are the adapters; the frozen base comes back separately (pure
   dict, as loaded: on the rule table's shardings), else as None.
@@ -130,7 +131,7 @@ def _initial_state(config, model, sizes, mesh):
     opt_shardings = sharding.opt_state_shardings(optimizer, params, param_shardings, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     mixing_state = jax.device_put(
-        mixing.init_mixing_state(config.mixing, sizes, jax.random.key(config.seed + 1)),
+        strategy.init_state(config.mixing, sizes, jax.random.key(config.seed + 1)),
         replicated)
   zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), replicated)  # Distinct buffers:
   state = steps.TrainState(step=zero(), params=params, opt_state=opt_state,  # all are donated.
@@ -144,7 +145,7 @@ def _initial_state(config, model, sizes, mesh):
 
 def _mixing_functions(config, strategy, graphdef, initial_params, param_shardings, mesh, data,
                       workdir, is_main, frozen=None):
-  """The jitted reward forward and scorer update, and the theta_0 NLL tables for a cached DIFF.
+  """The jitted reward step (the strategy's signals) and update, and the theta_0 NLL tables.
 
   theta_0 is the initial model: a resumed run rebuilds it the same way before restoring.
   """
@@ -158,22 +159,18 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
     ref_dtype = jnp.dtype(config.mixing.reference_dtype)
     reference_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
                                out_shardings=param_shardings)(initial_params)
+  grad_mask = None
+  if 'grad_cos' in strategy.signals:
+    grad_mask = signals_lib.gradient_mask(initial_params, config.mixing.grad_params)
   reward_step = jax.jit(
-      functools.partial(steps.reward_step, graphdef=graphdef, num_datasets=len(data.names),
-                        with_embeddings=strategy.needs_embeddings,
+      functools.partial(signals_lib.signal_step, graphdef=graphdef, num_datasets=len(data.names),
+                        signals=strategy.signals, grad_mask=grad_mask,
                         micro_rows=config.data.reward_micro_batch,
                         base_reference=strategy.needs_reference and reference == 'base'),
       in_shardings=(param_shardings, param_shardings if reference_params is not None else None,
                     None, None), out_shardings=replicated)
-  reward_fn = lambda params, batch: reward_step(params, reference_params, batch, frozen)
-  update = mixing.make_update_fn(config.mixing)
-
-  def mixing_update(mixing_state, reward_out):
-    raw = mixing.compute_rewards(strategy, reward_out.get('embeddings'), reward_out['nll'],
-                                 reward_out.get('nll0'), reward_out['valid'])
-    return update(mixing_state, raw)
-
-  mixing_fn = jax.jit(mixing_update, out_shardings=replicated)
+  reward_fn = lambda params, batches: reward_step(params, reference_params, batches, frozen)
+  mixing_fn = jax.jit(strategy.make_update(config.mixing), out_shardings=replicated)
   if strategy.needs_reference and reference == 'cache':
     nll_step = jax.jit(functools.partial(steps.reference_nll_step, graphdef=graphdef,
                                          micro_rows=config.data.reward_micro_batch),
@@ -220,8 +217,9 @@ def restore_model(config, workdir: str, step: int | None = None):
     vocab_size = len(data_lib.load_tokenizer(tokenizer_dir))
     # Only the scorer's shape depends on the dataset sizes; the restored values replace it.
     sizes = [1] * len(config.data.datasets)
+    strategy = mixing.make_strategy(config.mixing, list(config.data.datasets.keys()), sizes)
     graphdef, state, state_shardings, _, frozen = _initial_state(
-        config, _build_model(config, mesh, vocab_size), sizes, mesh)
+        config, _build_model(config, mesh, vocab_size), sizes, mesh, strategy)
     _check_same_base(checkpointer.read_meta(step), config, workdir)
     target = sharding.sharded_abstract(state, state_shardings)
     jax.tree.map(lambda x: x.delete(), state)
@@ -270,21 +268,26 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.
   graphdef, state, state_shardings, optimizer, frozen = _initial_state(
-      config, _build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh)
+      config, _build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh, strategy)
   param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
+  train_step = functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
+                                 num_datasets=num_datasets, micro_batches=config.train.micro_batches)
+
+  def train_and_mix(state, batch, frozen):  # The strategy's per-step hook runs inside the same jit.
+    state, metrics = train_step(state, batch, frozen)
+    return state.replace(mixing=strategy.after_train_step(state.mixing, metrics)), metrics
+
   # With LoRA the frozen base is a third argument (on the rule-table shardings), never donated.
-  train_step = jax.jit(
-      functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
-                        num_datasets=num_datasets, micro_batches=config.train.micro_batches),
+  train_jit = jax.jit(
+      train_and_mix,
       in_shardings=(state_shardings, None, None), out_shardings=(state_shardings, replicated),
       donate_argnums=(0,))
-  train_fn = lambda state, batch: train_step(state, batch, frozen)
+  train_fn = lambda state, batch: train_jit(state, batch, frozen)
   eval_step = jax.jit(functools.partial(steps.eval_step, graphdef=graphdef),
                       in_shardings=(param_shardings, None, None), out_shardings=replicated)
   eval_fn = lambda params, batch: eval_step(params, batch, frozen)
-  min_prob = float(config.mixing.min_prob)
-  probs_fn = jax.jit(lambda mixing_state: mixing.probs(mixing_state.params, min_prob))
+  probs_fn = jax.jit(strategy.probs)
   reward_fn = mixing_fn = reference_tables = None
   if strategy.updates_scorer:
     reward_fn, mixing_fn, reference_tables = _mixing_functions(
@@ -395,13 +398,21 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def update_mixture(run: Run) -> dict[str, float]:
-  """Algorithm 1 lines 6-11: rewards from one batch of every dataset, then the scorer update."""
+  """Algorithm 1 lines 6-11: the strategy's signals from one batch of every dataset (train reward
+  batches and/or dev batches, as its signals need), then its update."""
   names = run.data.names
-  local = run.data.train.reward_batches()
-  batch = _stack_reward_batches(local, names)
-  if run.reference_tables is not None:
-    batch['nll0'] = reference_lib.lookup(run.reference_tables, names, batch)
-  reward_out = run.reward_fn(run.state.params, distributed.host_local_to_global(batch, run.mesh))
+  batches = {}
+  needed = signals_lib.batches_needed(run.strategy.signals)
+  if 'train' in needed:
+    batch = _stack_reward_batches(run.data.train.reward_batches(), names)
+    if run.reference_tables is not None:
+      batch['nll0'] = reference_lib.lookup(run.reference_tables, names, batch)
+    batches['train'] = distributed.host_local_to_global(batch, run.mesh)
+  if 'dev' in needed:  # Dev windows are indexed by the update, so a resumed run gets the same.
+    window = run.data.train.step // run.config.mixing.update_every
+    dev = {n: run.data.dev_window(n, window, run.config.data.reward_batch_size) for n in names}
+    batches['dev'] = distributed.host_local_to_global(_stack_reward_batches(dev, names), run.mesh)
+  reward_out = run.reward_fn(run.state.params, batches)
   new_mixing, info = run.mixing_fn(run.state.mixing, reward_out)
   run.state = run.state.replace(mixing=new_mixing)
   info = jax.device_get(info)
@@ -505,15 +516,19 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
 
   updates_after = lambda step: (run.strategy.updates_scorer
                                  and (step - 1) % config.mixing.update_every == 0)
+  # The draw after a step that moves the mixture must use the new one: the prefetcher holds there.
+  moves_after = lambda step: run.strategy.per_step or updates_after(step)
   feed = prefetch.Prefetcher(data.train, functools.partial(distributed.host_local_to_global,
                                                            mesh=run.mesh),
-                             run.start_step + 1, tc.steps, config.data.prefetch, updates_after)
+                             run.start_step + 1, tc.steps, config.data.prefetch, moves_after)
   window = _Window(names, tc, run.start_step, feed, functools.partial(_check_finite, run),
                    run.window)
   try:
     for step in range(run.start_step + 1, tc.steps + 1):
       run.state, metrics = run.train_fn(run.state, feed.next(step))
       window.add(metrics)
+      if run.strategy.per_step:  # It moved the mixture inside the train step (e.g. ODM).
+        data.train.set_probabilities(current_probs(run))
 
       line = {}
       # Algorithm 1 counts t = 0..T and updates psi after the theta update when t % S == 0; our
@@ -521,12 +536,14 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
       if updates_after(step):
         line.update(update_mixture(run))
         data.train.set_probabilities(current_probs(run))
+      if moves_after(step):
         feed.resume()
       last = step == tc.steps
       checkpoint_now = (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last
       # Windows also restart at checkpoints, so a resumed run logs what an uninterrupted one does.
       if step % tc.log_every == 0 or checkpoint_now:
         line.update(window.flush(step, int(jax.device_get(run.state.skipped_steps))))
+        line.update(_step_rewards(run))
       paused = time.perf_counter()
       if (tc.eval_every and step % tc.eval_every == 0) or last:
         dev = evaluate(run)
@@ -653,6 +670,14 @@ def _check_finite(run: Run, metrics):
         f'{bad} non-finite updates in a row (loss or gradient is NaN/inf); stopping (those updates '
         f'were skipped and no checkpoint was written during them). {where} Also check the data, '
         f'or raise train.max_bad_steps.')
+
+
+def _step_rewards(run: Run) -> dict[str, float]:
+  """reward/<name> of a strategy that updates every step (none for the others)."""
+  reward = run.strategy.step_rewards(run.state.mixing)
+  if reward is None:
+    return {}
+  return {f'reward/{n}': float(r) for n, r in zip(run.data.names, jax.device_get(reward))}
 
 
 def _mixture_metrics(probs, names):

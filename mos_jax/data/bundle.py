@@ -51,6 +51,24 @@ class DataBundle:
         self._datasets[name].dev, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
         s['buckets'], s['process_index'], s['process_count'], packing=s['packing'])
 
+  def dev_window(self, name: str, index: int, batch_size: int) -> dict:
+    """The `index`-th window of batch_size // process_count rows of this host's dev shard,
+    wrapping around (reward batches from the dev split: a function of `index`, so a resumed run
+    sees the same ones)."""
+    s = self._s
+    rows = _host_rows(batch_size, s['process_count'], 'data.reward_batch_size')
+    source = self._datasets[name].dev
+    mine = range(s['process_index'], len(source), s['process_count'])
+    if not len(mine):
+      raise ValueError(f'dataset {name!r} has no dev examples on process {s["process_index"]}; '
+                       f'this mixing strategy reads dev batches: raise its dev_examples.')
+    start = index * rows
+    chosen = [mine[(start + k) % len(mine)] for k in range(rows)]
+    block = pipeline.stack([pipeline.to_row(source[i]) for i in chosen], s['max_len'], s['pad_id'])
+    # With several hosts every host pads to max_len (buckets would differ between hosts).
+    longest = s['max_len'] if s['process_count'] > 1 else None
+    return pipeline.crop(block, [self._index(name)] * rows, s['max_len'], s['buckets'], longest)
+
   def full_pass_batches(self, name: str, batch_size: int, examples=None):
     """Every train example once, in order, batch_size // process_count rows per host and batch;
     host p holds examples p, p + P, ... (the shard its reward batches come from). Packed when

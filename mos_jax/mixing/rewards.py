@@ -73,3 +73,10 @@ def normalize(r: jax.Array, eps: float = 1e-6) -> jax.Array:
   """Standardise rewards across datasets (zero mean, unit std); all-equal rewards map to 0."""
   centred = r - jnp.mean(r)
   return centred / (jnp.std(r) + eps)
+
+
+def token_entropy(logits: jax.Array) -> jax.Array:
+  """Predictive entropy of each position: logits [..., V] -> [...] in float32 (log V if uniform)."""
+  logits = logits.astype(jnp.float32)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)

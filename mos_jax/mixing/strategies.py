@@ -1,90 +1,145 @@
-"""One interface over the mixing strategies, so the training loop never branches on their names.
+"""The paper's strategies (static, MoS, MoSpec), the scorer family they share, and `make_strategy`.
 
-| strategy | scorer   | reward        | notes                                            |
-|----------|----------|---------------|--------------------------------------------------|
-| static   | frozen   | none          | q_tau: tau 1 proportional, 10 temperature, inf uniform |
-| mos      | updated  | cossim / diff | EMA optional                                     |
-| mospec   | updated  | cossim / diff | cossim -> cos(z_i, z_target); diff -> target x factor |
+| strategy | state                | signals              | update                                  |
+|----------|----------------------|----------------------|-----------------------------------------|
+| static   | scorer, frozen       | none                 | none: q_tau (tau 1 prop., 10 temp., inf uniform) |
+| mos      | scorer psi + Adam    | embeddings / nll,nll0| cossim / diff reward, EMA, REINFORCE (Eq. 6) |
+| mospec   | scorer psi + Adam    | embeddings / nll,nll0| cos(z_i, z_target) / target's diff x factor |
+| multidds | scorer psi + Adam    | grad_cos             | see multidds.py                          |
+| multiuat | scorer psi + Adam    | dev_entropy / dev_nll| see multiuat.py                          |
+| odm      | EXP3 rewards         | (train-step metrics) | see odm.py                               |
+| doremi   | domain weights       | nll, nll0            | see doremi.py                            |
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from typing import Sequence
 
 import jax
 
+from mos_jax.mixing import base
 from mos_jax.mixing import rewards as rewards_lib
+from mos_jax.mixing import scorer
+from mos_jax.mixing.base import Strategy
 from mos_jax.mixing.prior import prior_probs
+from mos_jax.mixing.state import init_mixing_state
+from mos_jax.mixing.state import make_update_fn
 
-STRATEGIES = ('static', 'mos', 'mospec')
 REWARDS = ('cossim', 'diff')
 
 
 @dataclasses.dataclass(frozen=True)
-class Strategy:
-  """What a strategy needs from the training loop. Hashable, so it can be closed over in a jit."""
-  name: str  # 'static', 'mos' or 'mospec'
-  names: tuple[str, ...]  # dataset names, in config order
-  prior: tuple[float, ...]  # q_tau: the static mixture, and the scorer's start
-  updates_scorer: bool  # False: the mixture stays at the prior and no reward is computed
-  reward: str | None  # 'cossim', 'diff' or None (static)
-  ema: bool  # smooth rewards with Eq. 11
-  target_index: int | None  # mospec's target dataset
-  target_factor: float  # mospec + diff: the target's reward multiplier
+class ScorerStrategy(Strategy):
+  """Strategies on the scorer psi and its REINFORCE update (state.py): the paper's Table 2 runs
+  every dynamic baseline this way. Subclasses say which signals they need and how they become a
+  raw reward [N] (`rewards`); the EMA, normalisation and Adam steps are shared."""
+  min_prob: float = 0.0  # mixing.min_prob floor of the sampling probabilities
+
+  def init_state(self, mixing_config, sizes, key):
+    return init_mixing_state(mixing_config, sizes, key)
+
+  def probs(self, state):
+    return scorer.probs(state.params, self.min_prob)
+
+  def rewards(self, signals: dict) -> jax.Array:
+    raise ValueError(f'strategy {self.name!r} computes no rewards (updates_scorer is False).')
+
+  def make_update(self, mixing_config):
+    update = make_update_fn(mixing_config)
+    return lambda state, signals: update(state, self.rewards(signals))
+
+
+@base.register('static')
+@dataclasses.dataclass(frozen=True)
+class Static(ScorerStrategy):
+  """The prior q_tau, never updated (the scorer stays where it starts)."""
+  reward: str | None = None
+  ema: bool = False
+  target_index: int | None = None
+  target_factor: float = 1.0
+
+  @classmethod
+  def from_config(cls, mixing_config, names, prior):
+    return cls(name='static', names=names, prior=prior, min_prob=float(mixing_config.min_prob))
+
+
+@base.register('mos', 'mospec')
+@dataclasses.dataclass(frozen=True)
+class MoS(ScorerStrategy):
+  """MoS (Sec. 3) and MoSpec (Sec. 5): COSSIM or DIFF rewards on the scorer."""
+  reward: str | None = 'diff'  # 'cossim' or 'diff'
+  ema: bool = True  # smooth rewards with Eq. 11
+  target_index: int | None = None  # mospec's target dataset
+  target_factor: float = 2.0  # mospec + diff: the target's reward multiplier
 
   @property
-  def needs_embeddings(self) -> bool:
-    """COSSIM needs the pooled last hidden state of each reward batch."""
-    return self.reward == 'cossim'
+  def signals(self):
+    return frozenset({'embeddings'} if self.reward == 'cossim' else {'nll', 'nll0'})
 
-  @property
-  def needs_reference(self) -> bool:
-    """DIFF needs theta_0's per-example NLLs (cached or from an on-device copy)."""
-    return self.reward == 'diff'
+  @classmethod
+  def from_config(cls, mixing_config, names, prior):
+    name, target = mixing_config.strategy, mixing_config.target
+    if mixing_config.reward not in REWARDS:
+      raise ValueError(f'mixing.reward={mixing_config.reward!r} is unknown; choose one of '
+                       f'{REWARDS}.')
+    target_index = None
+    if name == 'mospec':
+      if not target:
+        raise ValueError(f'mixing.strategy=mospec needs mixing.target, one of {list(names)}.')
+      if target not in names:
+        raise ValueError(f'mixing.target={target!r} is not a dataset; the datasets are '
+                         f'{list(names)}.')
+      target_index = names.index(target)
+    else:
+      base.no_target(mixing_config, name)
+    return cls(name=name, names=names, prior=prior, min_prob=float(mixing_config.min_prob),
+               reward=mixing_config.reward, ema=bool(mixing_config.ema),
+               target_index=target_index, target_factor=float(mixing_config.target_factor))
+
+  def rewards(self, signals):
+    if self.reward == 'cossim':
+      if signals.get('embeddings') is None:
+        raise ValueError('the cossim reward needs embeddings [N, D].')
+      return rewards_lib.cossim(signals['embeddings'], self.target_index)
+    if any(signals.get(k) is None for k in ('nll', 'nll0', 'valid')):
+      raise ValueError('the diff reward needs nll, nll0 and valid [N, B].')
+    return rewards_lib.diff(signals['nll'], signals['nll0'], signals['valid'], self.target_index,
+                            self.target_factor)
+
+
+def _load_all_strategies() -> None:
+  """Imports every module of mos_jax.mixing, so each strategy file registers itself."""
+  import mos_jax.mixing as package  # pylint: disable=g-import-not-at-top
+  for info in pkgutil.iter_modules(package.__path__):
+    importlib.import_module(f'{package.__name__}.{info.name}')
+
+
+def strategy_names() -> tuple[str, ...]:
+  _load_all_strategies()
+  return tuple(sorted(base.registry()))
 
 
 def make_strategy(mixing_config, names: Sequence[str], sizes: Sequence[int]) -> Strategy:
-  """Validates `config.mixing` against the datasets and builds the strategy."""
+  """Validates `config.mixing` against the datasets and builds the strategy it names."""
   names = tuple(names)
   if len(names) != len(sizes):
     raise ValueError(f'{len(names)} dataset names but {len(sizes)} sizes: {names}, {list(sizes)}.')
+  known = strategy_names()
   name = mixing_config.strategy
-  if name not in STRATEGIES:
-    raise ValueError(f'mixing.strategy={name!r} is unknown; choose one of {STRATEGIES}.')
+  if name not in known:
+    raise ValueError(f'mixing.strategy={name!r} is unknown; choose one of {known}.')
   prior = tuple(float(p) for p in prior_probs(sizes, mixing_config.prior_temperature))
-  target = mixing_config.target
-  if name == 'static':
-    return Strategy(name=name, names=names, prior=prior, updates_scorer=False, reward=None,
-                    ema=False, target_index=None, target_factor=1.0)
-  if mixing_config.reward not in REWARDS:
-    raise ValueError(f'mixing.reward={mixing_config.reward!r} is unknown; choose one of {REWARDS}.')
-  target_index = None
-  if name == 'mospec':
-    if not target:
-      raise ValueError(f'mixing.strategy=mospec needs mixing.target, one of {list(names)}.')
-    if target not in names:
-      raise ValueError(f'mixing.target={target!r} is not a dataset; the datasets are {list(names)}.')
-    target_index = names.index(target)
-  elif target:
-    raise ValueError(f'mixing.target={target!r} is only used by mixing.strategy=mospec, '
-                     f'but the strategy is {name!r}.')
-  return Strategy(name=name, names=names, prior=prior, updates_scorer=True,
-                  reward=mixing_config.reward, ema=bool(mixing_config.ema),
-                  target_index=target_index, target_factor=float(mixing_config.target_factor))
+  return base.registry()[name].from_config(mixing_config, names, prior)
 
 
 def compute_rewards(strategy: Strategy, embeddings: jax.Array | None = None,
                     nll: jax.Array | None = None, nll0: jax.Array | None = None,
                     valid: jax.Array | None = None) -> jax.Array:
-  """Raw rewards [N] from the reward step's outputs: embeddings [N, D] (COSSIM) or per-example
-  mean NLLs nll, nll0 and valid [N, B] (DIFF). Jittable with `strategy` closed over."""
-  if strategy.reward == 'cossim':
-    if embeddings is None:
-      raise ValueError('the cossim reward needs embeddings [N, D].')
-    return rewards_lib.cossim(embeddings, strategy.target_index)
-  if strategy.reward == 'diff':
-    if nll is None or nll0 is None or valid is None:
-      raise ValueError('the diff reward needs nll, nll0 and valid [N, B].')
-    return rewards_lib.diff(nll, nll0, valid, strategy.target_index, strategy.target_factor)
-  raise ValueError(f'strategy {strategy.name!r} computes no rewards (updates_scorer is False).')
+  """Raw rewards [N] of a scorer strategy from embeddings [N, D] (COSSIM) or per-example mean
+  NLLs nll, nll0 and valid [N, B] (DIFF). Jittable with `strategy` closed over."""
+  if not isinstance(strategy, ScorerStrategy) or not strategy.updates_scorer:
+    raise ValueError(f'strategy {strategy.name!r} computes no rewards (updates_scorer is False).')
+  return strategy.rewards({'embeddings': embeddings, 'nll': nll, 'nll0': nll0, 'valid': valid})

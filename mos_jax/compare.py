@@ -1,0 +1,62 @@
+"""Run mixing strategies side by side and report (the paper's Table 2, Figures 2-3).
+
+  python -m mos_jax.compare --config configs/demo.py --workdir runs/compare \
+      --strategies prop,temp,uni,multidds,multiuat,odm,doremi,mos_cossim,mos_cossim_ema,mos_diff,mos_diff_ema \
+      --seeds 3 [--config.KEY=VALUE ...]
+
+One training run per strategy x seed in WORKDIR/<strategy>/seed<k> (finished runs are not
+repeated; a crashed one resumes on the next call). --list prints the strategies and their
+overrides, --print-commands one `python -m mos_jax.train` line per run (for an array job),
+--collect only writes the report from the finished folders: WORKDIR/results.md, results.csv,
+mixtures.png, convergence.png, and the verdict printed last.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from mos_jax import cli
+from mos_jax import comparison
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the runs and the report.')
+_STRATEGIES = flags.DEFINE_string('strategies', ','.join(comparison.STRATEGIES),
+                                  'Comma-separated strategy names (see --list).')
+_SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per strategy: config.seed, config.seed + 1, ...')
+_LIST = flags.DEFINE_bool('list', False, 'Print the strategies with their overrides and exit.')
+_PRINT = flags.DEFINE_bool('print-commands', False, 'Print one train command per run and exit.')
+_COLLECT = flags.DEFINE_bool('collect', False, 'Only build the report from finished folders.')
+_CONFIG = cli.define_config_flag()
+
+
+def main(argv):
+  del argv
+  if _LIST.value:
+    print(comparison.describe())
+    return
+  config = _CONFIG.value
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required.')
+  if _SEEDS.value < 1:
+    raise app.UsageError('--seeds must be at least 1.')
+  strategies = comparison.parse_strategies(_STRATEGIES.value)
+  seeds = [config.seed + k for k in range(_SEEDS.value)]
+  spec, overrides = comparison.split_argv(sys.argv[1:])
+  runs = comparison.plan(spec, overrides, strategies, seeds, _WORKDIR.value)
+  if _PRINT.value:
+    print('\n'.join(r.command() for r in runs))
+    return
+  names = list(config.data.datasets.keys())
+  steps = int(config.train.steps)
+  if not _COLLECT.value:
+    comparison.run_all(runs, steps, names)
+  header = f'Config: `{spec} {" ".join(overrides)}`; seeds {seeds}.'
+  report = comparison.collect(_WORKDIR.value, strategies, seeds, names, steps, header)
+  for name, seed in report['missing']:
+    print(f'missing: {name} seed {seed} (unfinished or failed)')
+  print(f'wrote {_WORKDIR.value}/results.md, results.csv, mixtures.png, convergence.png')
+  print(report['verdict'])
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,0 +1,159 @@
+"""The reward step: computes exactly the signals a strategy declares (base.SIGNALS), in one jit.
+
+Pure and unjitted like mos_jax.steps; the trainer jits `signal_step` once with shardings.
+`batches['train']` holds one train reward batch of every dataset and `batches['dev']` one dev
+batch of every dataset, each [b * N] rows, example-major (row j * N + i is example j of
+dataset i). Shapes: N datasets, b examples per dataset, L tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+
+from mos_jax import loss as loss_lib
+from mos_jax import steps
+from mos_jax.mixing import base
+from mos_jax.mixing import rewards
+
+
+def batches_needed(signals) -> tuple[str, ...]:
+  """Which reward batches ('train', 'dev') the signals read."""
+  signals = frozenset(signals)
+  return tuple(k for k, group in (('train', base.TRAIN_BATCH_SIGNALS),
+                                  ('dev', base.DEV_BATCH_SIGNALS)) if signals & group)
+
+
+def _per_dataset(x, num_datasets):
+  """[b * N, ...] example-major -> [N, b, ...]."""
+  return x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
+
+
+def param_paths(params) -> list[str]:
+  """'layers/3/mlp/up_proj'-style names of the parameter leaves, in tree order."""
+  return ['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def gradient_mask(params, pattern: str) -> tuple[bool, ...]:
+  """Which leaves MultiDDS differentiates: those whose path matches `pattern` ('' = all)."""
+  paths = param_paths(params)
+  if not pattern:
+    return tuple(True for _ in paths)
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f'mixing.grad_params={pattern!r} is not a regular expression: {e}') from None
+  mask = tuple(bool(regex.search(p)) for p in paths)
+  if not any(mask):
+    raise ValueError(f'mixing.grad_params={pattern!r} matches no parameter; parameter names look '
+                     f'like {paths[:3]} ... {paths[-2:]}.')
+  return mask
+
+
+def example_uncertainty(graphdef, params, batch, frozen=None):
+  """Per-row mean predictive entropy and mean NLL over trained tokens, from one forward (with
+  the whole [B, L, V] logits: entropy needs every token's full distribution)."""
+  model = steps.merge(graphdef, params, frozen)
+  out = model(batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'])
+  logits = out.logits.astype(jnp.float32)  # [B, L, V]
+  entropy = rewards.token_entropy(logits)  # [B, L]
+  nll = loss_lib.token_nll(logits, batch['targets'])  # [B, L]
+  mean_entropy, valid = loss_lib.per_example_mean_nll(entropy, batch['loss_mask'])
+  mean_nll, _ = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
+  return mean_entropy, mean_nll, valid
+
+
+_LOSS_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids', 'dataset_ids')
+
+
+def _pad_length(batch, length):
+  """Pads [..., L] token arrays to `length` with padding positions (segment 0, no loss)."""
+  return {k: (jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, length - v.shape[-1])])
+              if k != 'dataset_ids' else v) for k, v in batch.items()}
+
+
+def _pad_rows(batch, rows):
+  """Pads [N, b, ...] chunks to `rows` rows with copies of the last row that train nothing."""
+  b = batch['tokens'].shape[1]
+  out = {k: jnp.pad(v, [(0, 0), (0, rows - b)] + [(0, 0)] * (v.ndim - 2), mode='edge')
+         for k, v in batch.items()}
+  out['loss_mask'] = out['loss_mask'] * (jnp.arange(rows) < b)[None, :, None]
+  return out
+
+
+def gradient_cosines(params, train_batch, dev_batch, frozen=None, *, graphdef, num_datasets: int,
+                     mask: tuple[bool, ...]):
+  """MultiDDS: cos(grad L(train batch of i), grad L(dev batches of all datasets)) [N].
+
+  One sequential loop of 2N backward passes over b-row chunks: the first N add the dev chunks'
+  gradients into the dev gradient (token-sum losses, so the chunks' gradients add up to the whole
+  dev batch's), the next N take dataset i's train batch and reduce its gradient to a dot product
+  with the dev gradient and a norm. So at most two gradient-sized buffers live (the dev gradient
+  and the current one) and every pass reuses the same activation memory. `mask` restricts both
+  gradients to a subset of parameter leaves. Cosines ignore the losses' scale.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  chosen = [x for x, m in zip(leaves, mask) if m]
+
+  def loss(sub, batch):
+    it = iter(sub)
+    full = jax.tree.unflatten(treedef, [next(it) if m else x for x, m in zip(leaves, mask)])
+    total, _ = steps._sum_loss(full, graphdef, batch, num_datasets, frozen)  # pylint: disable=protected-access
+    return total
+
+  # Elementwise product and sum in one fused reduction: no float32 copy of a gradient.
+  f32_dot = lambda a, b: sum(jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32))
+                             for x, y in zip(a, b))
+  dev = {k: _per_dataset(dev_batch[k], num_datasets) for k in _LOSS_KEYS}  # [N, b, L_dev]
+  train = {k: _per_dataset(train_batch[k], num_datasets) for k in _LOSS_KEYS}  # [N, b, L]
+  length = max(dev['tokens'].shape[-1], train['tokens'].shape[-1])
+  rows = max(dev['tokens'].shape[1], train['tokens'].shape[1])
+  dev, train = (_pad_rows(_pad_length(b, length), rows) for b in (dev, train))
+  chunks = {k: jnp.concatenate([dev[k], train[k]]) for k in _LOSS_KEYS}  # [2N, b, L]
+
+  def body(dev_grad, xs):
+    k, batch = xs
+    g = jax.grad(loss)(chosen, batch)
+    adding = k < num_datasets
+    dev_grad = [d + x * adding.astype(x.dtype) for d, x in zip(dev_grad, g)]
+    return dev_grad, (f32_dot(g, dev_grad), f32_dot(g, g))
+
+  zeros = [jnp.zeros_like(x) for x in chosen]
+  dev_grad, (dots, squares) = jax.lax.scan(body, zeros, (jnp.arange(2 * num_datasets), chunks))
+  dev_norm = jnp.sqrt(f32_dot(dev_grad, dev_grad))
+  dots, norms = dots[num_datasets:], jnp.sqrt(squares[num_datasets:])  # [N]
+  return dots / jnp.maximum(norms * dev_norm, 1e-20)
+
+
+def signal_step(params, reference_params, batches, frozen=None, *, graphdef, num_datasets: int,
+                signals, grad_mask: tuple[bool, ...] | None = None, micro_rows: int = 0,
+                base_reference: bool = False):
+  """The declared `signals` (and the valid masks that go with them) as a dict of arrays.
+
+  `frozen`: a LoRA run's frozen base; `micro_rows` and `base_reference` go to steps.reward_step.
+  """
+  signals = frozenset(signals)
+  unknown = signals - set(base.SIGNALS)
+  if unknown:
+    raise ValueError(f'unknown signals {sorted(unknown)}; known: {sorted(base.SIGNALS)}.')
+  out = {}
+  if signals & {'embeddings', 'nll', 'nll0'}:
+    out.update(steps.reward_step(params, reference_params, batches['train'], frozen,
+                                 graphdef=graphdef, num_datasets=num_datasets,
+                                 with_embeddings='embeddings' in signals, micro_rows=micro_rows,
+                                 base_reference=base_reference))
+  if signals & {'dev_entropy', 'dev_nll'}:
+    entropy, nll, valid = example_uncertainty(graphdef, params, batches['dev'], frozen)
+    out['dev_valid'] = _per_dataset(valid, num_datasets)
+    if 'dev_entropy' in signals:
+      out['dev_entropy'] = _per_dataset(entropy, num_datasets)
+    if 'dev_nll' in signals:
+      out['dev_nll'] = _per_dataset(nll, num_datasets)
+  if 'grad_cos' in signals:
+    mask = grad_mask if grad_mask is not None else tuple(True for _ in jax.tree.leaves(params))
+    out['grad_cos'] = gradient_cosines(params, batches['train'], batches['dev'], frozen,
+                                       graphdef=graphdef, num_datasets=num_datasets, mask=mask)
+  return out
