@@ -231,15 +231,19 @@ class Decoder(nnx.Module):
     mask come from the cache (attention_mask [B, L] marks left padding), and the output carries
     the updated cache.
     """
-    hidden, cache = self._blocks(x, positions, segment_ids, attention_mask, cache)
+    if cache is None:
+      hidden = self.hidden_states(x, positions, segment_ids, attention_mask)
+    else:
+      hidden, cache = self.hidden_states(x, positions, segment_ids, attention_mask, cache)
     return DecoderOutput(logits=self.logits(hidden), hidden=hidden, cache=cache)
 
-  def hidden_states(self, x, positions=None, segment_ids=None, attention_mask=None):
-    """from_embeddings without the LM head: the final-norm hidden states [B, L, D]."""
-    return self._blocks(x, positions, segment_ids, attention_mask, None)[0]
+  def hidden_states(self, x, positions=None, segment_ids=None, attention_mask=None, cache=None):
+    """from_embeddings without the LM head: the final-norm hidden states [B, L, D]; with a
+    `cache`, (hidden states, the cache moved past these tokens).
 
-  def _blocks(self, x, positions, segment_ids, attention_mask, cache):
-    """(final-norm hidden states [B, L, D], the cache moved past these tokens or None)."""
+    Every forward goes through this method: qwix's LoRA/QLoRA interception wraps it
+    (mos_jax.models.lora).
+    """
     c = self.config
     if cache is not None:
       positions, mask, cache = kv_cache.advance(cache, attention_mask, x.shape[:2])
@@ -273,7 +277,8 @@ class Decoder(nnx.Module):
     else:
       for block in self.layers:
         x = apply(block, x, cos, sin, segment_ids)
-    return self.final_norm(x), cache
+    hidden = self.final_norm(x)
+    return hidden if cache is None else (hidden, cache)
 
   def head_weight(self):
     """The LM head and its layout: ([V, D] embedding table, True) if tied, else ([D, V], False)."""
