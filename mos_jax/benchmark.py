@@ -60,7 +60,7 @@ def time_run(config, with_memory: bool = False) -> dict:
       if with_memory:
         with jax.set_mesh(run.mesh):
           start = time.perf_counter()
-          compiled = run.train_fn.lower(run.state, _example_batch(run)).compile()
+          compiled = run.train_jit.lower(run.state, _example_batch(run), run.frozen).compile()
           out['step_compile_s'] = time.perf_counter() - start
         memory, source = perf.peak_memory_bytes(compiled=compiled)
         out.update(peak_memory_gib=None if memory is None else memory / 2**30,

@@ -13,7 +13,6 @@ mixtures.png, convergence.png, and the verdict printed last.
 
 import sys
 
-from absl import app
 from absl import flags
 
 from mos_jax import cli
@@ -26,6 +25,10 @@ _SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per strategy: config.seed, conf
 _LIST = flags.DEFINE_bool('list', False, 'Print the strategies with their overrides and exit.')
 _PRINT = flags.DEFINE_bool('print-commands', False, 'Print one train command per run and exit.')
 _COLLECT = flags.DEFINE_bool('collect', False, 'Only build the report from finished folders.')
+_TASKS = flags.DEFINE_list('tasks', [], 'mos_jax.evaluate tasks scored on every finished run '
+                           '(e.g. skills,paper_mmlu): further columns of the table.')
+_LIMIT = flags.DEFINE_integer('limit', 0, 'With --tasks: examples per task (0 = all).')
+_FEWSHOT = flags.DEFINE_integer('num_fewshot', None, 'With --tasks: few-shot examples.')
 _CONFIG = cli.define_config_flag()
 
 
@@ -36,9 +39,9 @@ def main(argv):
     return
   config = _CONFIG.value
   if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required.')
+    raise ValueError('--workdir is required.')
   if _SEEDS.value < 1:
-    raise app.UsageError('--seeds must be at least 1.')
+    raise ValueError('--seeds must be at least 1.')
   strategies = comparison.parse_strategies(_STRATEGIES.value)
   seeds = [config.seed + k for k in range(_SEEDS.value)]
   spec, overrides = comparison.split_argv(sys.argv[1:])
@@ -50,6 +53,10 @@ def main(argv):
   steps = int(config.train.steps)
   if not _COLLECT.value:
     comparison.run_all(runs, steps, names)
+    if _TASKS.value:
+      extra = [f'--limit={_LIMIT.value}'] + (
+          [f'--num_fewshot={_FEWSHOT.value}'] if _FEWSHOT.value is not None else [])
+      comparison.evaluate_all(runs, steps, names, _TASKS.value, extra)
   header = f'Config: `{spec} {" ".join(overrides)}`; seeds {seeds}.'
   report = comparison.collect(_WORKDIR.value, strategies, seeds, names, steps, header)
   for name, seed in report['missing']:
@@ -59,4 +66,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main, 'compare')

@@ -2,14 +2,17 @@
 
 `plan` lays out one ordinary training run per strategy x seed under DIR/<strategy>/seed<k>;
 `run_all` trains the unfinished ones, each in its own process (a crash loses only that run, and a
-rerun resumes it); `collect` reads the finished run folders and writes DIR/results.md,
-DIR/results.csv, DIR/mixtures.png and DIR/convergence.png and returns the one-line verdict.
+rerun resumes it); `evaluate_all` scores finished runs on `mos_jax.evaluate` tasks (their
+DIR/<strategy>/seed<k>/eval/<step>.json); `collect` reads the finished run folders and writes
+DIR/results.md, DIR/results.csv, DIR/mixtures.png and DIR/convergence.png and returns the
+one-line verdict.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import os
 import shlex
@@ -141,16 +144,68 @@ def run_all(runs: list[RunSpec], steps: int, names, log=print) -> list[RunSpec]:
       continue
     os.makedirs(spec.workdir, exist_ok=True)
     start = time.perf_counter()
-    with open(os.path.join(spec.workdir, 'train.log'), 'a') as out:
+    with open(os.path.join(spec.workdir, 'console.log'), 'a') as out:
       done = subprocess.run((sys.executable,) + spec.argv[1:], stdout=out, stderr=subprocess.STDOUT, check=False)
     took = time.perf_counter() - start
     if done.returncode != 0 or not is_finished(spec.workdir, steps, names):
       failed.append(spec)
       log(f'[{i + 1}/{len(runs)}] {spec.strategy} seed {spec.seed}: FAILED (exit '
-          f'{done.returncode}, see {spec.workdir}/train.log)')
+          f'{done.returncode}, see {spec.workdir}/console.log and train.log)')
     else:
       log(f'[{i + 1}/{len(runs)}] {spec.strategy} seed {spec.seed}: done in {took:.0f} s')
   return failed
+
+
+def eval_path(folder: str, steps: int) -> str:
+  return os.path.join(folder, 'eval', f'{steps}.json')
+
+
+def task_scores(folder: str, steps: int) -> dict[str, float]:
+  """The final checkpoint's `mos_jax.evaluate` numbers: lm-eval metrics as '<task>/<metric>'
+  (standard errors left out) and our summary keys (mu_MU, skills/..., mu_BOTH, ...)."""
+  path = eval_path(folder, steps)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    record = json.load(f)
+  out = {}
+  for task, metrics in record.get('lm_eval', {}).get('results', {}).items():
+    for key, value in metrics.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and '_stderr' not in key:
+        out[f'{task}/{key.replace(",none", "")}'] = float(value)
+  out.update({k: float(v) for k, v in record.get('summary', {}).items()
+              if isinstance(v, (int, float))})
+  return out
+
+
+def evaluate_all(runs: list[RunSpec], steps: int, names, tasks, extra=(), log=print):
+  """Runs `python -m mos_jax.evaluate --tasks ...` on every finished run whose eval file lacks a
+  task's scores (each in its own process; a failure is reported and skipped)."""
+  for i, spec in enumerate(runs):
+    if not is_finished(spec.workdir, steps, names):
+      continue
+    record = {}
+    if os.path.isfile(eval_path(spec.workdir, steps)):
+      with open(eval_path(spec.workdir, steps)) as f:
+        record = json.load(f)
+    done_tasks = set(record.get('tasks', []))
+    if set(tasks) <= done_tasks:
+      continue
+    train = spec.argv[spec.argv.index('--config'):]  # --config C --workdir W and the overrides.
+    argv = [sys.executable, '-m', 'mos_jax.evaluate', *train, '--tasks', ','.join(tasks),
+            *extra]
+    with open(os.path.join(spec.workdir, 'console.log'), 'a') as out:
+      done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+      log(f'[{i + 1}/{len(runs)}] {spec.strategy} seed {spec.seed}: evaluation FAILED (exit '
+          f'{done.returncode}, see {spec.workdir}/console.log)')
+      continue
+    with open(eval_path(spec.workdir, steps)) as f:
+      record = json.load(f)
+    record['tasks'] = sorted(done_tasks | set(tasks))
+    with open(eval_path(spec.workdir, steps), 'w') as f:
+      json.dump(record, f, indent=2, default=str)
+    log(f'[{i + 1}/{len(runs)}] {spec.strategy} seed {spec.seed}: evaluated {",".join(tasks)}')
 
 
 @dataclasses.dataclass
@@ -159,6 +214,7 @@ class RunResult:
   curve: dict[int, float]  # eval step -> mean dev loss over datasets
   mixture: dict[str, tuple[list[int], list[float]]]  # dataset -> (steps, p)
   train_s: float  # seconds spent in training steps (evaluation and checkpoints left out)
+  tasks: dict[str, float] = dataclasses.field(default_factory=dict)  # task_scores of the run
 
 
 def summarize_run(rows: list[dict], names, steps: int) -> RunResult:
@@ -208,6 +264,7 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
       folder = run_dir(workdir, name, seed)
       if is_finished(folder, steps, names):
         results[(name, seed)] = summarize_run(read_run(folder), names, steps)
+        results[(name, seed)].tasks = task_scores(folder, steps)
       else:
         missing.append((name, seed))
   present = [n for n in strategies if any((n, s) in results for s in seeds)]
@@ -221,6 +278,8 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
     common = sorted(set.intersection(*(set(r.curve) for r in runs)))
     row['curve'] = {s: float(np.mean([r.curve[s] for r in runs])) for s in common}
     row['train_s'] = _mean_std([r.train_s for r in runs])
+    row['tasks'] = {k: _mean_std([r.tasks[k] for r in runs if k in r.tasks])
+                    for k in sorted(set().union(*(r.tasks for r in runs)))}
     row['per_seed_mean'] = {s: float(np.mean([results[(name, s)].final[n] for n in names]))
                             for s in seeds if (name, s) in results}
     table[name] = row
@@ -238,10 +297,11 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
                       if base_steps and row['steps_to_target'] else None)
     row['overhead'] = (row['train_s'][0] / steps / static_step_s - 1.0) if static_step_s else None
 
+  task_columns = sorted(set().union(*(row['tasks'] for row in table.values())))
   verdict = _verdict(table, learned, best_static, seeds)
   _write_md(os.path.join(workdir, 'results.md'), table, names, missing, best_static, target,
-            verdict, header, steps)
-  _write_csv(os.path.join(workdir, 'results.csv'), table, names)
+            verdict, header, steps, task_columns)
+  _write_csv(os.path.join(workdir, 'results.csv'), table, names, task_columns)
   _plot_mixtures(os.path.join(workdir, 'mixtures.png'), present, results, seeds, names)
   _plot_convergence(os.path.join(workdir, 'convergence.png'), table, target)
   return {'table': table, 'missing': missing, 'best_static': best_static, 'verdict': verdict}
@@ -269,7 +329,8 @@ def _fmt(mean_std) -> str:
   return f'{mean_std[0]:.4f} ± {mean_std[1]:.4f}'
 
 
-def _write_md(path, table, names, missing, best_static, target, verdict, header, steps):
+def _write_md(path, table, names, missing, best_static, target, verdict, header, steps,
+              task_columns=()):
   cols = list(names) + ['mean']
   ranks = {c: _ranks({k: row[c][0] for k, row in table.items()}) for c in cols}
   lines = ['# Mixing strategies compared', '']
@@ -283,8 +344,11 @@ def _write_md(path, table, names, missing, best_static, target, verdict, header,
             f'Train s = seconds in training steps per run (evaluation and checkpoints left out); '
             f'overhead = time per step against the static runs\' mean.'
             if best_static else 'No static baseline finished: no steps-to-static column.', '']
+  if task_columns:
+    lines += ['Task columns: `python -m mos_jax.evaluate` scores of the final checkpoint (lm-eval '
+              'metrics as task/metric, our summaries such as mu_MU), mean ± std over seeds.', '']
   head = ['strategy', 'seeds', *names, 'mean', 'steps to static', 'speed-up', 'train s',
-          'overhead']
+          'overhead', *task_columns]
   lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, row in table.items():
     cells = [name, str(row['seeds'])]
@@ -293,6 +357,7 @@ def _write_md(path, table, names, missing, best_static, target, verdict, header,
     cells.append(f'{row["speedup"]:.2f}x' if row['speedup'] else '-')
     cells.append(f'{row["train_s"][0]:.1f}')
     cells.append(f'{100 * row["overhead"]:+.0f}%' if row['overhead'] is not None else '-')
+    cells += [_fmt(row['tasks'][c]) if c in row['tasks'] else '-' for c in task_columns]
     lines.append('| ' + ' | '.join(cells) + ' |')
   lines.append('')
   if missing:
@@ -303,11 +368,13 @@ def _write_md(path, table, names, missing, best_static, target, verdict, header,
     f.write('\n'.join(lines))
 
 
-def _write_csv(path, table, names):
+def _write_csv(path, table, names, task_columns=()):
   head = ['strategy', 'seeds']
   for c in list(names) + ['mean']:
     head += [f'{c}_dev_loss', f'{c}_dev_loss_std']
   head += ['steps_to_static', 'speedup', 'train_s', 'train_s_std', 'overhead']
+  for c in task_columns:
+    head += [c, f'{c}_std']
   with open(path, 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(head)
@@ -317,6 +384,8 @@ def _write_csv(path, table, names):
         cells += [repr(row[c][0]), repr(row[c][1])]
       cells += [row['steps_to_target'] or '', row['speedup'] or '', repr(row['train_s'][0]),
                 repr(row['train_s'][1]), '' if row['overhead'] is None else repr(row['overhead'])]
+      for c in task_columns:
+        cells += [repr(row['tasks'][c][0]), repr(row['tasks'][c][1])] if c in row['tasks'] else ['', '']
       w.writerow(cells)
 
 

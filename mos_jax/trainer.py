@@ -84,6 +84,7 @@ class Run:
   exit_code: int = 0  # What the train command exits with (130 after Ctrl-C).
   frozen: Any = None  # LoRA: the frozen base (pure dict, never donated or saved); None without.
   eval_tasks: Any = None  # mos_jax.evaluation.TrainingTasks, made at the first evaluation.
+  train_jit: Any = None  # The jitted (state, batch, frozen) step behind train_fn (to lower it).
 
   def close(self):
     """Releases the workdir (train() does it; call it when a built run is not trained)."""
@@ -319,7 +320,7 @@ def _build(config, workdir: str, is_main: bool) -> Run:
              graphdef=graphdef, meta=meta, state=state, train_fn=train_fn, reward_fn=reward_fn, mixing_fn=mixing_fn,
              eval_fn=eval_fn, probs_fn=probs_fn, reference_tables=reference_tables,
              checkpointer=checkpointer, writer=writer, start_step=start_step,
-             saved_step=start_step or None, window=window, frozen=frozen)
+             saved_step=start_step or None, window=window, frozen=frozen, train_jit=train_jit)
 
 
 def _resume(config, checkpointer, state, state_shardings, data, meta, workdir, is_main):
