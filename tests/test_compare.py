@@ -1,6 +1,7 @@
 """python -m mos_jax.compare: the plan, the end-to-end report against the run folders, --collect."""
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -82,10 +83,22 @@ def test_compare_end_to_end_and_collect(tmp_path):
   md = (workdir / 'results.md').read_text()
   assert '| uni | 1 |' in md and '| odm | 1 |' in md and '**' in md
 
-  # Finished runs are not repeated.
-  again = subprocess.run(base + ['--seeds', '1'], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)
-  assert again.returncode == 0 and again.stdout.count('finished before, skipped') == 2
+  # Finished runs are not repeated; --tasks scores them and adds the scores as columns.
+  again = subprocess.run(base + ['--seeds', '1', '--tasks', 'skills', '--limit', '8'],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+  assert again.stdout.count('finished before, skipped') == 2
+  assert again.stdout.count('evaluated skills') == 2
+  with open(workdir / 'results.csv') as f:
+    rows = {r['strategy']: r for r in csv.DictReader(f)}
+  for strategy in ('uni', 'odm'):
+    with open(workdir / strategy / 'seed0' / 'eval' / '4.json') as f:
+      summary = json.load(f)['summary']
+    skills = {k: v for k, v in summary.items() if k.startswith('skills/')}
+    assert skills
+    for key, value in skills.items():
+      assert float(rows[strategy][key]) == pytest.approx(value, rel=1e-12), key
+  assert 'skills/' in (workdir / 'results.md').read_text()
 
   # --collect with seed 1: uni's run finished, odm's stopped half way: reported as missing.
   shutil.copytree(workdir / 'uni' / 'seed0', workdir / 'uni' / 'seed1')

@@ -172,7 +172,7 @@ def _tiny(config, tmp_path, **train):
   config.model.hf_checkpoint = ''
   config.model.preset = 'tiny'
   config.model.dtype = 'float32'
-  config.model.remat = False
+  config.model.remat = 'none'
   config.data.tokenizer = demo.tokenizer_dir(str(tmp_path / 'demo'))
   config.data.max_len = 64
   config.data.reward_batch_size = config.data.eval_batch_size = 4

@@ -213,8 +213,8 @@ def test_diff_base_reference_equals_device_and_cache_at_step_0(tmp_path):
     if run.reference_tables is not None:
       batch['nll0'] = trainer.reference_lib.lookup(run.reference_tables, run.data.names, batch)
     with jax.set_mesh(run.mesh):
-      out = jax.device_get(run.reward_fn(run.state.params, trainer.distributed.host_local_to_global(
-          batch, run.mesh)))
+      out = jax.device_get(run.reward_fn(run.state.params, {
+          'train': trainer.distributed.host_local_to_global(batch, run.mesh)}))
     nll0[reference] = np.asarray(out['nll0'])
     if reference == 'base':  # At step 0 the adapters are zero: theta == theta_0 exactly.
       np.testing.assert_array_equal(out['nll'], out['nll0'])

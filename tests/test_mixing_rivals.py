@@ -146,7 +146,9 @@ def test_example_uncertainty_matches_numpy():
   batch = _rows(np.random.default_rng(2), 3)
   batch['loss_mask'][:, :4] = 0.0
   ent, nll, valid = signals.example_uncertainty(graphdef, params, batch)
-  logits = np.asarray(steps._forward(graphdef, params, batch).logits, np.float64)
+  model = steps.merge(graphdef, params)
+  logits = np.asarray(model(batch['tokens'], positions=batch['positions'],
+                            segment_ids=batch['segment_ids']).logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   h = -(np.exp(logp) * logp).sum(-1)

@@ -161,10 +161,12 @@ def ifd_scores(config, data, out: str, batch_size: int, progress: bool = True
         if k < done:
           continue
         cond_global, answer_global = to_global(cond_batch), to_global(answer_batch)
-        cond, answer = nll_step(params, cond_global), nll_step(params, answer_global)
-        ids = cond_global['example_ids']
-        cond, answer, ids = (np.asarray(x) for x in multihost_utils.process_allgather(
-            (cond, answer, ids), tiled=True))
+        cond, answer = nll_step(params, cond_global), nll_step(params, answer_global)  # [B, L]
+        got = multihost_utils.process_allgather(
+            (cond, cond_global['loss_mask'], answer, answer_global['loss_mask'],
+             cond_global['example_ids']), tiled=True)
+        cond, cond_mask, answer, answer_mask, ids = (np.asarray(x) for x in got)
+        cond, answer = _row_mean(cond, cond_mask), _row_mean(answer, answer_mask)
         real = ids >= 0  # Padding rows of the last batch carry id -1.
         cache.append(ids[real], cond[real], answer[real])
         if bar is not None:
@@ -178,6 +180,11 @@ def ifd_scores(config, data, out: str, batch_size: int, progress: bool = True
   if bar is not None:
     bar.close()
   return results
+
+
+def _row_mean(token_nll, loss_mask):
+  """[B, L] masked token NLL -> [B] mean over each row's trained tokens (0 without any)."""
+  return (token_nll * loss_mask).sum(-1) / np.maximum(loss_mask.sum(-1), 1.0)
 
 
 # ---- writing the selection ---------------------------------------------------------------------
@@ -209,6 +216,11 @@ def select(config, method: str, keep: float, out: str, seed: int = 0, batch_size
   if not 0 < keep <= 1:
     raise ValueError(f'--keep must be in (0, 1], got {keep}')
   batch_size = batch_size or config.data.eval_batch_size
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    # One example per row: the conditioned and the answer-only pass must hold the same examples
+    # in the same rows (packing would fill rows differently for the shorter answers).
+    config.data.packing = False
   data = bundle_lib.build_data(config, jax.process_index(), jax.process_count(), keep_records=True)
   try:
     scores = ifd_scores(config, data, out, batch_size, progress) if method == 'ifd' else {}
