@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import time
-from typing import Any
 
 import numpy as np
 
@@ -302,9 +301,8 @@ class TrainingTasks:
   """
 
   def __init__(self, run):
-    from mos_jax import inference  # pylint: disable=g-import-not-at-top
+    from mos_jax import inference, steps  # pylint: disable=g-import-not-at-top
     from mos_jax.data import bundle, templates  # pylint: disable=g-import-not-at-top
-    from flax import nnx  # pylint: disable=g-import-not-at-top
     config = run.config
     self.tasks = [str(t) for t in config.train.eval_tasks]
     bad = [t for t in self.tasks if t.startswith('mtbench:')]
@@ -320,7 +318,7 @@ class TrainingTasks:
       template = templates.make_template(run.data.tokenizer, config.data.template)
     except templates.TemplateError:
       template = None
-    model = nnx.merge(run.graphdef, run.state.params)
+    model = steps.merge(run.graphdef, run.state.params, run.frozen)  # LoRA: with the base.
     self.loaded = inference.Loaded(model=model, step=None, tokenizer=run.data.tokenizer,
                                    tokenizer_dir=bundle.tokenizer_path(config), mesh=run.mesh,
                                    template=template)
@@ -337,8 +335,8 @@ class TrainingTasks:
 
   def __call__(self) -> dict[str, float]:
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from mos_jax import skills  # pylint: disable=g-import-not-at-top
-    state = nnx.state(nnx.merge(self.run.graphdef, self.run.state.params))
+    from mos_jax import skills, steps  # pylint: disable=g-import-not-at-top
+    state = nnx.state(steps.merge(self.run.graphdef, self.run.state.params, self.run.frozen))
     out = {}
     for item in self.items:
       if item == 'skills':

@@ -21,3 +21,30 @@ def demo_config(tmp_path, **train):
     section, field = key.split('__')
     config[section][field] = value
   return config
+
+
+class Crash(Exception):
+  """Raised by `train_crashing`'s loader: a run dying mid-way."""
+
+
+def train_crashing(run, after_batches: int):
+  """Trains `run` with a loader that dies when asked for batch `after_batches + 1` (counting
+  from the run's start), as a crash would; the loader is put back afterwards."""
+  import pytest
+  from mos_jax import trainer
+  loader = type(run.data.train)
+  real_next = loader.__next__
+  calls = {'n': 0}
+
+  def crashing_next(self):
+    calls['n'] += 1
+    if calls['n'] > after_batches:
+      raise Crash()
+    return real_next(self)
+
+  loader.__next__ = crashing_next
+  try:
+    with pytest.raises(Crash):
+      trainer.train(run)
+  finally:
+    loader.__next__ = real_next

@@ -18,7 +18,7 @@ from mos_jax import models
 from mos_jax import steps
 from mos_jax import trainer
 from mos_jax.models import lora
-from demo_run import demo_config
+from demo_run import demo_config, train_crashing
 
 VOCAB = 96
 HF_CONFIGS = {  # One tiny model per family (GQA untied Llama, biased tied Qwen2, MQA GeGLU Gemma).
@@ -157,25 +157,7 @@ def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
 
   resumed = str(tmp_path / 'resumed')
   run = trainer.build(copy.deepcopy(config), resumed)
-  loader = run.data.train
-  real_next = type(loader).__next__
-  calls = {'n': 0}
-
-  class Crash(Exception):
-    pass
-
-  def crashing_next(self):
-    calls['n'] += 1
-    if calls['n'] > 5:  # Dies in step 6, after the checkpoint at step 4.
-      raise Crash()
-    return real_next(self)
-
-  type(loader).__next__ = crashing_next
-  try:
-    with pytest.raises(Crash):
-      trainer.train(run)
-  finally:
-    type(loader).__next__ = real_next
+  train_crashing(run, 5)  # Dies in step 6, after the checkpoint at step 4.
   run = trainer.build(copy.deepcopy(config), resumed)
   assert run.start_step == 4
   trainer.train(run)

@@ -16,7 +16,7 @@ from mos_jax import metrics as metrics_lib
 from mos_jax import models
 from mos_jax import steps
 from mos_jax import trainer
-from demo_run import REPO, demo_config
+from demo_run import REPO, demo_config, train_crashing
 
 def _tiny_model(vocab=64):
   cfg = models.get_preset('tiny', vocab_size=vocab)
@@ -129,25 +129,7 @@ def test_resume_gives_identical_metrics_and_params(tmp_path):
 
   resumed = str(tmp_path / 'resumed')
   run = trainer.build(copy.deepcopy(config), resumed)
-  loader = run.data.train
-  real_next = type(loader).__next__
-  calls = {'n': 0}
-
-  class Crash(Exception):
-    pass
-
-  def crashing_next(self):
-    calls['n'] += 1
-    if calls['n'] > 5:  # Dies in step 6, after the checkpoint at step 4.
-      raise Crash()
-    return real_next(self)
-
-  type(loader).__next__ = crashing_next
-  try:
-    with pytest.raises(Crash):
-      trainer.train(run)
-  finally:
-    type(loader).__next__ = real_next
+  train_crashing(run, 5)  # Dies in step 6, after the checkpoint at step 4.
   run = trainer.build(copy.deepcopy(config), resumed)
   assert run.start_step == 4
   trainer.train(run)

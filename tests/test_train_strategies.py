@@ -10,35 +10,12 @@ import pytest
 
 from mos_jax import metrics as metrics_lib
 from mos_jax import trainer
-from demo_run import demo_config
+from demo_run import demo_config, train_crashing
 
 
 def _lines(workdir):
   rows = metrics_lib.read_metrics(os.path.join(workdir, 'metrics.jsonl'))
   return [{k: v for k, v in r.items() if not k.startswith('perf/')} for r in rows]
-
-
-class Crash(Exception):
-  pass
-
-
-def _train_crashing(run, after_batches):
-  loader = run.data.train
-  real_next = type(loader).__next__
-  calls = {'n': 0}
-
-  def crashing_next(self):
-    calls['n'] += 1
-    if calls['n'] > after_batches:
-      raise Crash()
-    return real_next(self)
-
-  type(loader).__next__ = crashing_next
-  try:
-    with pytest.raises(Crash):
-      trainer.train(run)
-  finally:
-    type(loader).__next__ = real_next
 
 
 @pytest.mark.parametrize('strategy', ['multidds', 'multiuat', 'odm', 'doremi'])
@@ -58,7 +35,7 @@ def test_strategy_trains_and_resumes_exactly(tmp_path, strategy):
   names = run.data.names
 
   resumed = str(tmp_path / 'resumed')
-  _train_crashing(trainer.build(copy.deepcopy(config), resumed), after_batches=4)
+  train_crashing(trainer.build(copy.deepcopy(config), resumed), after_batches=4)
   run = trainer.build(copy.deepcopy(config), resumed)
   assert run.start_step == 3
   trainer.train(run)

@@ -20,7 +20,6 @@ import os
 import random
 import tempfile
 
-from absl import app
 from absl import flags
 
 VERSION = 1  # Bump when the generated content changes, so old folders are regenerated.
