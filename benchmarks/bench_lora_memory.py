@@ -36,8 +36,8 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
   import ml_collections
   from flax import nnx
 
-  from bench_memory import fp32_state
-  from mos_jax import config as config_lib, mixing, models, sharding, steps
+  from bench_memory import abstract_step_inputs
+  from mos_jax import config as config_lib, models, sharding, steps
   from mos_jax.models import lora
 
   cfg = config_lib.base_config()
@@ -66,22 +66,9 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
     frozen_sh = lora.frozen_shardings(model_config, frozen, mesh)
   param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
   params = nnx.to_pure_dict(abstract_params)
-  optimizer = fp32_state(steps.make_optimizer(cfg.train))
-  opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh, mesh)
+  optimizer, opt_sh, state, state_sh, batch_abs = abstract_step_inputs(
+      cfg, mesh, params, param_sh, num_datasets, batch, seq)
   replicated = sharding.replicated(mesh)
-  mixing_state = jax.eval_shape(
-      lambda: mixing.init_mixing_state(cfg.mixing, [1000] * num_datasets, jax.random.key(0)))
-  scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  state = steps.TrainState(step=scalar, params=params, opt_state=jax.eval_shape(optimizer.init, params),
-                           mixing=mixing_state, bad_steps=scalar, skipped_steps=scalar)
-  state_sh = steps.TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
-                              mixing=jax.tree.map(lambda _: replicated, mixing_state),
-                              bad_steps=replicated, skipped_steps=replicated)
-  row = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=sharding.batch_sharding(mesh))
-  vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
-  batch_abs = dict(tokens=row(jnp.int32), targets=row(jnp.int32), loss_mask=row(jnp.float32),
-                   positions=row(jnp.int32), segment_ids=row(jnp.int32), dataset_ids=vec,
-                   example_ids=vec)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
                                    num_datasets=num_datasets),
                  in_shardings=(state_sh, None, frozen_sh), out_shardings=(state_sh, replicated),

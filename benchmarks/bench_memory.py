@@ -47,25 +47,14 @@ def fp32_state(optimizer):
 RECIPE_REMAT = {'qwen1.5-0.5b': 'save_dots_no_batch', 'gemma-2b': 'full', 'llama-3-8b': 'full'}
 
 
-def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str = 'recipe',
-            loss_chunk: int = 256, attention: str = 'xla') -> dict:
-  """Lowers and compiles one train step for `preset` on all local devices; memory per device."""
+def abstract_step_inputs(cfg, mesh, params, param_sh, num_datasets: int, batch: int, seq: int):
+  """(optimizer, its state shardings, abstract TrainState, its shardings, abstract batch) of the
+  train step over abstract `params` on `mesh`: everything AOT compilation needs, no memory."""
   import jax
   import jax.numpy as jnp
-  import ml_collections
-  from flax import nnx
 
-  from mos_jax import config as config_lib, mixing, models, sharding, steps
+  from mos_jax import mixing, sharding, steps
 
-  cfg = config_lib.base_config()
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
-  remat = RECIPE_REMAT.get(preset, 'full') if remat == 'recipe' else remat
-  model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat=remat,
-                                   scan_layers=True, attention_impl=attention, loss_chunk=loss_chunk)
-  abstract_model = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
-  params = nnx.to_pure_dict(abstract_params)
   optimizer = fp32_state(steps.make_optimizer(cfg.train))
   opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh, mesh)
   replicated = sharding.replicated(mesh)
@@ -82,6 +71,30 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str
   batch_abs = dict(tokens=row(jnp.int32), targets=row(jnp.int32), loss_mask=row(jnp.float32),
                    positions=row(jnp.int32), segment_ids=row(jnp.int32), dataset_ids=vec,
                    example_ids=vec)
+  return optimizer, opt_sh, state, state_sh, batch_abs
+
+
+def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str = 'recipe',
+            loss_chunk: int = 256, attention: str = 'xla') -> dict:
+  """Lowers and compiles one train step for `preset` on all local devices; memory per device."""
+  import jax
+  import ml_collections
+  from flax import nnx
+
+  from mos_jax import config as config_lib, models, sharding, steps
+
+  cfg = config_lib.base_config()
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
+  remat = RECIPE_REMAT.get(preset, 'full') if remat == 'recipe' else remat
+  model_config = models.get_preset(preset, dtype='bfloat16', param_dtype='bfloat16', remat=remat,
+                                   scan_layers=True, attention_impl=attention, loss_chunk=loss_chunk)
+  abstract_model = nnx.eval_shape(lambda: models.Decoder(model_config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
+  params = nnx.to_pure_dict(abstract_params)
+  optimizer, opt_sh, state, state_sh, batch_abs = abstract_step_inputs(
+      cfg, mesh, params, param_sh, num_datasets, batch, seq)
+  replicated = sharding.replicated(mesh)
   # Nothing large may fall back to replication: that would make the numbers meaningless.
   unsharded = sharding.unsharded_large_params(
       sharding.sharded_abstract((params, state.opt_state), (param_sh, opt_sh)), min_size=2**20)
