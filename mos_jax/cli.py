@@ -115,12 +115,12 @@ def _fail(message: str, code: int = 1):
   sys.exit(code)
 
 
-def _check_required(required, argv):
+def _check_required(required, command: str):
   for name in required:
     if name in flags.FLAGS and flags.FLAGS[name].value in (None, ''):
       example = {'config': ' configs/demo.py', 'workdir': ' runs/NAME'}.get(name, '=...')
-      _fail(f'--{name} is required, e.g. {argv[0]} --{name}{example} (--helpshort lists the '
-            f'flags).')
+      _fail(f'--{name} is required, e.g. python -m mos_jax.{command} --{name}{example} '
+            f'(--helpshort lists the flags).')
   spec = _config_spec(sys.argv)
   if 'config' in required and spec and not os.path.isfile(spec.split(':')[0]):
     _fail(f'--config {spec}: there is no file {spec.split(":")[0]} (from {os.getcwd()}).')
@@ -137,7 +137,7 @@ def run(main, command: str, required=('config',), log_in_workdir: bool = False) 
     echo = flags.FLAGS['alsologtostderr'].value or flags.FLAGS['logtostderr'].value
     console.setup(command, echo=echo, debug=flags.FLAGS['verbosity'].value >= 1,
                   log_in_workdir=log_in_workdir)
-    _check_required(required, [f'python -m mos_jax.{command}'])
+    _check_required(required, command)
     try:
       return main(argv)
     except KeyboardInterrupt:

@@ -16,20 +16,21 @@ ATTENTION_IMPLS = ('', 'xla', 'cudnn', 'triton', 'splash')
 REMAT = ('none', 'full', 'save_dots', 'save_dots_no_batch', True, False)
 
 
+def _get(config, key: str):
+  for part in key.split('.'):
+    config = config[part]
+  return config
+
+
 def _problems(config) -> list[str]:
   out = []
 
   def need(ok: bool, key: str, rule: str):
     if not ok:
-      node = config
-      for part in key.split('.'):
-        node = node[part]
-      out.append(f'{key}={node!r} {rule}')
+      out.append(f'{key}={_get(config, key)!r} {rule}')
 
   def number(key, low=None, high=None, low_open=False, high_open=False, integer=False):
-    node = config
-    for part in key.split('.'):
-      node = node[part]
+    node = _get(config, key)
     kind = int if integer else (int, float)
     if isinstance(node, bool) or not isinstance(node, kind) or (
         isinstance(node, float) and math.isnan(node)):

@@ -151,10 +151,7 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
   theta_0 is the initial model: a resumed run rebuilds it the same way before restoring.
   """
   replicated = sharding.replicated(mesh)
-  reference = config.mixing.diff_reference
-  if strategy.needs_reference and reference not in ('cache', 'device', 'base'):
-    raise ValueError(f"config.mixing.diff_reference must be 'cache', 'device' or 'base', got "
-                     f'{reference!r}.')
+  reference = config.mixing.diff_reference  # 'cache', 'device' or 'base' (config_check).
   reference_params = reference_tables = None
   if strategy.needs_reference and reference == 'device':
     ref_dtype = jnp.dtype(config.mixing.reference_dtype)
