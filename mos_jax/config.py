@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps.
-  c.train.epochs = 0.0  # > 0: steps = ceil(epochs * all training examples / batch_size) instead.
+  c.train.epochs = 0.0  # > 0: steps = ceil(epochs * training rows per pass / batch_size) instead.
   c.train.batch_size = 64  # Global batch size (examples per optimizer step, all hosts).
   c.train.micro_batches = 1  # Gradient accumulation: the batch is split into this many parts.
   c.train.lr = 1e-5  # Peak AdamW learning rate.

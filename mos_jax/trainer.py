@@ -257,7 +257,8 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   data = build_data(config, process_index=jax.process_index(),
                     process_count=jax.process_count())
   if config.train.get('epochs', 0) > 0:  # Passes over the data: the sizes are known only now.
-    config.train.steps = math.ceil(config.train.epochs * sum(data.sizes) / config.train.batch_size)
+    rows = sum(data.train.rows_per_epoch())  # Packed rows hold several examples each.
+    config.train.steps = math.ceil(config.train.epochs * rows / config.train.batch_size)
   names = data.names
   num_datasets = len(names)
   _check_batch_sizes(config, num_datasets, mesh)

@@ -95,31 +95,63 @@ def test_reward_batches_do_not_disturb_training_order(files):
   probed.close()
 
 
-def test_two_hosts_read_disjoint_shards_and_draw_alike(files):
-  hosts = [build_data(_config(files, batch_size=4), i, 2) for i in range(2)]
-  seen = [collections.defaultdict(set), collections.defaultdict(set)]
-  for _ in range(60):
-    batches = [next(h.train) for h in hosts]
-    assert batches[0]['tokens'].shape == (2, 64)
-    assert batches[0]['dataset_ids'].tolist() == batches[1]['dataset_ids'].tolist()
-    for h, b in enumerate(batches):
-      seen[h][int(b['dataset_ids'][0])].update(b['example_ids'].tolist())
-  for d, name in enumerate(hosts[0].names):
-    assert seen[0][d] and not seen[0][d] & seen[1][d]
-    assert seen[0][d] | seen[1][d] <= set(range(SIZES[name]))
+def _concat(parts):
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+@pytest.mark.parametrize('hosts', [2, 4])
+@pytest.mark.parametrize('kw', [
+    dict(packing=True, max_len=48),
+    dict(packing=True, max_len=64, buckets=(32, 48)),
+    dict(packing=True, max_len=48, mix_per='example'),
+    dict(mix_per='example', buckets=(25, 27)),
+    dict()], ids=['packed', 'packed-buckets', 'packed-per-example', 'per-example-buckets',
+                  'unpacked'])
+def test_hosts_split_the_one_host_global_batch(files, kw, hosts):
+  """Every host's batch is its slice of the global batch one host reads alone (training and
+  reward batches, across epochs and a probability change), and a position saved by one host
+  restores on any number of hosts."""
+  kw = dict(batch_size=8, reward_batch_size=4, **kw)
+  single = build_data(_config(files, **kw))
+  many = [build_data(_config(files, **kw), p, hosts) for p in range(hosts)]
+  for step in range(40):
+    if step == 20:
+      for d in [single] + many:
+        d.train.set_probabilities([0.2, 0.2, 0.6])
+    if step == 30:  # One host's position, restored on every host of the larger set.
+      state = single.train.get_state()
+      for d in many:
+        d.train.set_state(state)
+    whole = [next(single.train)] + [single.train.reward_batches()[n] for n in single.names]
+    parts = [[next(d.train)] + [d.train.reward_batches()[n] for n in d.names] for d in many]
+    for k, batch in enumerate(whole):
+      joined = _concat([p[k] for p in parts])
+      assert sorted(joined) == sorted(batch)
+      for key in batch:
+        np.testing.assert_array_equal(joined[key], batch[key], err_msg=f'{step} {k} {key}')
+  for d in [single] + many:
+    d.close()
+
+
+def test_a_packed_epoch_holds_every_example_once(files):
+  data = build_data(_config(files, names=['c'], packing=True, max_len=64, batch_size=1))
+  rows = data.train.rows_per_epoch()[0]
+  assert rows < SIZES['c']  # Rows are 23 to 28 positions: two fit in 64.
+  tokens = [next(data.train) for _ in range(rows)]
+  per_row = [len(set(b['segment_ids'][0][b['segment_ids'][0] > 0].tolist())) for b in tokens]
+  assert sum(per_row) == SIZES['c'] and max(per_row) == 2
+  data.close()
+
+
+def test_two_hosts_read_disjoint_examples_within_an_epoch(files):
+  hosts = [build_data(_config(files, names=['a'], batch_size=4), i, 2) for i in range(2)]
+  seen = [set(), set()]
+  for _ in range(SIZES['a'] // 4):  # One epoch of dataset a.
+    for h, data in enumerate(hosts):
+      seen[h].update(next(data.train)['example_ids'].tolist())
+  assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(SIZES['a']))
   for h in hosts:
     h.close()
-
-
-def test_per_example_draws_split_one_global_batch_across_hosts(files):
-  single = build_data(_config(files, batch_size=4, mix_per='example'))
-  hosts = [build_data(_config(files, batch_size=4, mix_per='example'), i, 2) for i in range(2)]
-  for _ in range(10):
-    whole = next(single.train)['dataset_ids'].tolist()
-    parts = [next(h.train)['dataset_ids'].tolist() for h in hosts]
-    assert parts[0] + parts[1] == whole
-  for d in [single] + hosts:
-    d.close()
 
 
 def test_each_epoch_is_a_new_permutation(files):
@@ -219,8 +251,6 @@ def test_buckets_pad_to_the_smallest_fit(files):
     assert width == min([w for w in (25, 27, 64) if w >= longest])
   assert lengths == {25, 27, 64}
   data.close()
-  with pytest.raises(ValueError, match="needs data.mix_per='batch'"):
-    build_data(_config(files, buckets=(32,), mix_per='example'), 0, 2)
 
 
 def test_buckets_agree_across_hosts(files):

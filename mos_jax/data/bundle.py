@@ -264,9 +264,6 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
   reward_rows = _host_rows(d.reward_batch_size, process_count, 'data.reward_batch_size')
   eval_rows = _host_rows(d.eval_batch_size, process_count, 'data.eval_batch_size')
   buckets = tuple(int(b) for b in d.buckets)
-  if buckets and process_count > 1 and d.mix_per != 'batch':
-    raise ValueError("data.buckets with several processes needs data.mix_per='batch' (hosts agree "
-                     "on a batch's length by working out each other's rows)")
   if d.demo_dir:
     demo.ensure_demo(d.demo_dir)
   tokenizer = load_tokenizer(tokenizer_path(config))
@@ -339,29 +336,16 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
 
   if d.num_workers:
     _parse_flags_for_workers()
-  train_streams, reward_streams = [], []
-  for i, name in enumerate(names):
-    common = dict(max_len=d.max_len, pad_id=int(pad_id), process_index=process_index,
-                  process_count=process_count)
-    train_streams.append(pipeline.endless_blocks(datasets[name].train, pipeline.StreamSpec(
-        seed=_seed(config.seed, i, 1), block=rows, packing=d.packing, num_workers=d.num_workers,
-        **common)))
-    # Reward streams: own seeds and no workers (one batch every S steps).
-    reward_streams.append(pipeline.endless_blocks(datasets[name].train, pipeline.StreamSpec(
-        seed=_seed(config.seed, i, 2), block=reward_rows, **common)))
+  # Every dataset's training and reward rows, planned alike on every host (own seeds each).
+  train_streams = [pipeline.GlobalRows(datasets[n].train, _seed(config.seed, i, 1), d.max_len,
+                                    d.packing) for i, n in enumerate(names)]
+  reward_streams = [pipeline.GlobalRows(datasets[n].train, _seed(config.seed, i, 2), d.max_len,
+                                      d.packing) for i, n in enumerate(names)]
   spec = mixture.MixtureSpec(
       names=tuple(names), seed=int(config.seed), rows=rows, reward_rows=reward_rows,
-      max_len=d.max_len, buckets=buckets, mix_per=d.mix_per,
-      process_index=process_index, process_count=process_count)
-  row_lengths = None
-  if buckets and process_count > 1:  # Every host crops each batch to every host's longest row.
-    row_lengths = {
-        'train': [None if d.packing else pipeline.RowLengths(
-            datasets[n].train, _seed(config.seed, i, 1), process_count)
-                  for i, n in enumerate(names)],
-        'reward': [pipeline.RowLengths(datasets[n].train, _seed(config.seed, i, 2), process_count)
-                   for i, n in enumerate(names)]}
-  train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec, row_lengths))
+      max_len=d.max_len, pad_id=int(pad_id), buckets=buckets, mix_per=d.mix_per,
+      process_index=process_index, process_count=process_count, num_workers=d.num_workers)
+  train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
   settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,
               'packing': bool(d.packing),
               'buckets': buckets, 'process_index': process_index, 'process_count': process_count}

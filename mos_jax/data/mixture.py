@@ -1,9 +1,10 @@
 """The dynamic mixture loader (Algorithm 1, lines 3-4): draw a dataset from p, yield its batch.
 
 p is set from outside (the scorer) before each draw. Draws use an RNG seeded by (seed, step), so
-every host draws the same dataset at the same step while reading its own shard. Reward batches
+every host draws the same dataset at the same step; each host reads its own slice of the global
+batch, which every host plans alike (pipeline.RowPlan). Reward batches
 come from separate per-dataset streams, so the scorer's look at the data never shifts the
-training order. The whole position (every stream, step, p) is JSON state that
+training order. The whole position (rows taken from every stream, step, p) is JSON state that
 `grain.checkpoint.CheckpointSave/CheckpointRestore` write and read through Orbax.
 """
 
@@ -40,65 +41,27 @@ class MixtureSpec:
   rows: int  # Host-local rows per training batch.
   reward_rows: int  # Host-local rows per reward batch.
   max_len: int
+  pad_id: int = 0
   buckets: tuple[int, ...] = ()
   mix_per: str = 'batch'
   process_index: int = 0
   process_count: int = 1
-
-
-class BlockReader:
-  """Takes any number of rows from a stream of blocks, remembering where it is inside a block.
-
-  Its state is the stream's state before the current block plus the offset into it, so a
-  restored reader re-reads that block and continues at the same row.
-  """
-
-  def __init__(self, stream: grain.DatasetIterator):
-    self._stream = stream
-    self._block, self._offset = None, 0
-    self._before = None
-
-  def take(self, n: int) -> dict:
-    parts = []
-    while n:
-      if self._block is None or self._offset == len(self._block['lengths']):
-        self._before = self._stream.get_state()
-        self._block, self._offset = next(self._stream), 0
-      k = min(n, len(self._block['lengths']) - self._offset)
-      parts.append({key: v[self._offset:self._offset + k] for key, v in self._block.items()})
-      self._offset += k
-      n -= k
-    if len(parts) == 1:
-      return parts[0]
-    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-
-  def get_state(self) -> dict:
-    if self._block is None or self._offset == len(self._block['lengths']):
-      return {'stream': self._stream.get_state(), 'offset': 0}
-    return {'stream': self._before, 'offset': self._offset}
-
-  def set_state(self, state: dict) -> None:
-    self._stream.set_state(state['stream'])
-    self._block, self._offset = None, 0
-    if state['offset']:
-      self._before = state['stream']
-      self._block, self._offset = next(self._stream), int(state['offset'])
+  num_workers: int = 0  # Grain worker processes per dataset (mixing per batch).
 
 
 class MixtureIterDataset(grain.IterDataset):
-  """Parents: one training stream per dataset, then one reward stream per dataset."""
+  """Parents: one global training row stream per dataset, then one reward row stream per
+  dataset (pipeline.GlobalRows)."""
 
-  def __init__(self, train: Sequence[grain.IterDataset], reward: Sequence[grain.IterDataset],
-               spec: MixtureSpec, row_lengths: dict | None = None):
-    """`row_lengths` ({'train': [...], 'reward': [...]} of pipeline.RowLengths, one per dataset,
-    None where rows are packed to max_len) lets every host crop to the same bucket."""
+  def __init__(self, train: Sequence[pipeline.GlobalRows], reward: Sequence[pipeline.GlobalRows],
+               spec: MixtureSpec):
     if spec.mix_per not in MIX_PER:
       raise ValueError(f'data.mix_per must be one of {MIX_PER}, got {spec.mix_per!r}')
     if not len(train) == len(reward) == len(spec.names):
       raise ValueError('one training and one reward stream per dataset are needed')
     super().__init__(list(train) + list(reward))
     self.spec = spec
-    self.row_lengths = row_lengths
+    self.train, self.reward = list(train), list(reward)
 
   def __iter__(self) -> 'MixtureIterator':
     return MixtureIterator(self)
@@ -108,27 +71,27 @@ class MixtureIterDataset(grain.IterDataset):
 
 
 class MixtureIterator(grain.DatasetIterator):
-  """next() -> one training batch; reward_batches() -> one batch per dataset."""
+  """next() -> this host's part of one global training batch; reward_batches() -> one batch per
+  dataset.
+
+  Its position is the number of global rows taken from each stream (the same on every host), the
+  step and p; every batch is a function of them, so the global batches do not depend on how many
+  hosts read them.
+  """
 
   def __init__(self, ds: MixtureIterDataset):
-    iterators = [iter(parent) for parent in ds.parents]
-    super().__init__(iterators)
-    self._spec = ds.spec
-    n = len(ds.spec.names)
-    self._train = [BlockReader(it) for it in iterators[:n]]
-    self._reward = [BlockReader(it) for it in iterators[n:]]
+    super().__init__()
+    s = self._spec = ds.spec
+    self._train, self._reward = ds.train, ds.reward
+    n = len(s.names)
+    block = lambda i, rows, **kw: pipeline.BlockSpec(
+        i, rows, s.max_len, s.pad_id, s.buckets, s.process_index, s.process_count, **kw)
+    self._train_blocks = [block(i, s.rows) for i in range(n)]
+    self._reward_blocks = [block(i, s.reward_rows, token_example_ids=True) for i in range(n)]
     self._step = 0
     self._probs = np.full(n, 1.0 / n)
-    # With several hosts and buckets: rows taken so far per stream (the same on every host).
-    self._lengths = ds.row_lengths
-    self._taken = {'train': [0] * n, 'reward': [0] * n}
-
-  def _longest(self, kind: str, dataset: int, rows: int) -> int | None:
-    """The longest of the next `rows` rows of every host's stream (None: crop to this host's)."""
-    lengths = self._lengths[kind][dataset] if self._lengths else None
-    start = self._taken[kind][dataset]
-    self._taken[kind][dataset] += rows
-    return lengths.longest(start, rows) if lengths is not None else None
+    self._taken = {'train': [0] * n, 'reward': [0] * n}  # Global rows taken from each stream.
+    self._streams = [None] * n  # Mixing per batch: each dataset's blocks from its position on.
 
   @property
   def step(self) -> int:
@@ -138,60 +101,87 @@ class MixtureIterator(grain.DatasetIterator):
   def probabilities(self) -> np.ndarray:
     return self._probs.copy()
 
+  def rows_per_epoch(self) -> list[int]:
+    """Training rows in one pass over each dataset (its examples, or fewer packed rows)."""
+    return [rows.plan.rows_in_epoch(0) for rows in self._train]
+
   def set_probabilities(self, p) -> None:
     """Used from the next draw on; NaN, negative or all-zero p is refused."""
     self._probs = check_probabilities(p, len(self._spec.names))
 
-  def draw(self, step: int) -> np.ndarray:
-    """The dataset of each host-local row at `step` (all rows alike when mixing per batch)."""
+  def _global_draw(self, step: int) -> np.ndarray:
+    """The dataset of every row of the global batch at `step` (one dataset per batch, or one per
+    row when mixing per example: the global batch is then one sample from p)."""
     s = self._spec
     rng = np.random.default_rng([s.seed, _DRAW_STREAM, step])
     if s.mix_per == 'batch':
-      return np.full(s.rows, rng.choice(len(s.names), p=self._probs))
-    # Draw the global batch, then take this host's slice: the global batch is one sample from p.
-    every = rng.choice(len(s.names), size=s.rows * s.process_count, p=self._probs)
-    return every[s.process_index * s.rows:(s.process_index + 1) * s.rows]
+      return np.full(s.rows * s.process_count, rng.choice(len(s.names), p=self._probs))
+    return rng.choice(len(s.names), size=s.rows * s.process_count, p=self._probs)
+
+  def draw(self, step: int) -> np.ndarray:
+    """The dataset of each host-local row at `step`."""
+    s = self._spec
+    return self._global_draw(step)[s.process_index * s.rows:(s.process_index + 1) * s.rows]
+
+  def _next_block(self, i: int) -> dict:
+    """Mixing per batch: dataset i's next global batch (this host's part)."""
+    s = self._spec
+    width = s.rows * s.process_count
+    if self._streams[i] is None:
+      blocks = pipeline.HostBlocks(self._train[i], self._train_blocks[i])
+      it = blocks[self._taken['train'][i] // width:].to_iter_dataset(
+          grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))  # Data is in memory.
+      if s.num_workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=s.num_workers))
+      self._streams[i] = iter(it)
+    self._taken['train'][i] += width
+    return next(self._streams[i])
+
+  def _mixed_rows(self, every: np.ndarray) -> dict:
+    """Mixing per example: global row j is the next row of dataset every[j]; this host reads
+    only the rows of its slice, and crops to the longest row of the whole global batch."""
+    s = self._spec
+    lo, hi = s.process_index * s.rows, (s.process_index + 1) * s.rows
+    rows, longest = [None] * s.rows, 0
+    for i in np.unique(every).tolist():
+      start, total = self._taken['train'][i], int((every == i).sum())
+      before, where = int((every[:lo] == i).sum()), np.nonzero(every[lo:hi] == i)[0]
+      got = self._train[i]._getitems(range(start + before, start + before + len(where)))  # pylint: disable=protected-access
+      for r, row in zip(where, got):
+        rows[r] = row
+      if s.buckets:
+        longest = max(longest, self._train[i].plan.longest(start, start + total))
+      self._taken['train'][i] += total
+    return pipeline.crop(pipeline.stack(rows, s.max_len, s.pad_id), every[lo:hi], s.max_len,
+                         s.buckets, longest or None)
 
   def __next__(self) -> dict:
     self._assert_not_closed()
-    s = self._spec
-    dataset_ids = self.draw(self._step)
-    first = int(dataset_ids[0])
-    longest = None
-    if (dataset_ids == first).all():
-      longest = self._longest('train', first, s.rows)
-      block = self._train[first].take(s.rows)
-    else:  # Per-example mixing: each dataset's rows go where the draw put them.
-      block = {}
-      for i in np.unique(dataset_ids):
-        where = np.nonzero(dataset_ids == i)[0]
-        part = self._train[i].take(len(where))
-        for key, value in part.items():
-          if key not in block:
-            block[key] = np.empty((s.rows,) + value.shape[1:], value.dtype)
-          block[key][where] = value
+    every = self._global_draw(self._step)
+    if self._spec.mix_per == 'batch':
+      batch = self._next_block(int(every[0]))
+    else:
+      batch = self._mixed_rows(every)
     self._step += 1
-    return pipeline.crop(block, dataset_ids, s.max_len, s.buckets, longest)
+    return batch
 
   def reward_batches(self) -> dict[str, dict]:
-    """One batch of reward_batch_size (host-local) rows per dataset, from the reward streams."""
+    """One batch of reward_batch_size rows per dataset (this host's part), from the reward
+    streams; rows carry `token_example_ids` (each token's example, -1 on padding)."""
     self._assert_not_closed()
+    s = self._spec
     out = {}
-    for i, name in enumerate(self._spec.names):
-      longest = self._longest('reward', i, self._spec.reward_rows)
-      block = self._reward[i].take(self._spec.reward_rows)
-      out[name] = pipeline.crop(block, [i] * self._spec.reward_rows, self._spec.max_len,
-                                self._spec.buckets, longest)
+    for i, name in enumerate(s.names):
+      out[name] = pipeline.host_batch(self._reward[i], self._taken['reward'][i],
+                                      self._reward_blocks[i])
+      self._taken['reward'][i] += s.reward_rows * s.process_count
     return out
 
   def get_state(self) -> dict:
-    names = self._spec.names
     return {
-        'names': list(names),
+        'names': list(self._spec.names),
         'step': self._step,
         'probabilities': self._probs.tolist(),
-        'train': {n: it.get_state() for n, it in zip(names, self._train)},
-        'reward': {n: it.get_state() for n, it in zip(names, self._reward)},
         'taken': {k: list(v) for k, v in self._taken.items()},
     }
 
@@ -199,15 +189,23 @@ class MixtureIterator(grain.DatasetIterator):
     names = list(self._spec.names)
     if list(state['names']) != names:
       raise ValueError(f'loader state is for datasets {state["names"]}, this run has {names}')
-    for n, it in zip(names, self._train):
-      it.set_state(state['train'][n])
-    for n, it in zip(names, self._reward):
-      it.set_state(state['reward'][n])
+    if 'train' in state:
+      raise ValueError('this loader state was written by an older mos_jax (one stream per host); '
+                       'resume it with that version, or start a new workdir.')
+    self._close_streams()
     self._step = int(state['step'])
-    n = len(names)
-    self._taken = {k: list(v) for k, v in state.get('taken', {'train': [0] * n,
-                                                             'reward': [0] * n}).items()}
+    self._taken = {k: [int(x) for x in v] for k, v in state['taken'].items()}
     self._probs = check_probabilities(state['probabilities'], len(names))
+
+  def _close_streams(self) -> None:
+    for it in self._streams:
+      if it is not None and hasattr(it, 'close'):
+        it.close()
+    self._streams = [None] * len(self._spec.names)
+
+  def close(self) -> None:
+    self._close_streams()
+    super().close()
 
   def __str__(self) -> str:
     return f'MixtureIterator(step={self._step})'

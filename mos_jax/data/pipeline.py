@@ -1,10 +1,12 @@
 """Per-dataset Grain pipelines over the tokenized Arrow table, and batch assembly.
 
-Rows are stacked into blocks padded to max_len; a batch is cropped to the smallest bucket that
-holds its longest row (or kept at max_len).
+Each dataset's endless stream is planned globally (RowPlan: which examples make each row), and
+every host reads only its slice of each global batch. Rows are stacked padded to max_len; a batch
+is cropped to the smallest bucket that holds the global batch's longest row (or kept at max_len).
 This module imports only numpy, pyarrow and grain: worker processes unpickle what lives here.
 """
 
+import bisect
 import dataclasses
 import sys
 
@@ -12,7 +14,6 @@ import grain
 import numpy as np
 import pyarrow as pa
 
-from grain import experimental as grain_experimental
 
 ROW_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')
 _PACKING_BINS = 8  # Rows packed together before they are emitted (first-fit).
@@ -50,71 +51,144 @@ class ExampleSource(grain.sources.RandomAccessDataSource):
     return f'ExampleSource({len(self)} examples)'
 
 
-class ShuffledRows(grain.MapDataset):
-  """Rows of this host's shard, repeated forever; epoch e in the order of a permutation seeded
-  by (seed, e).
+def _first_fit(order: np.ndarray, lengths: np.ndarray, max_len: int) -> list[list[int]]:
+  """Examples in `order` -> rows of at most max_len positions: each example goes into the first
+  of _PACKING_BINS open rows it fits; when it fits none, the fullest open row is emitted."""
+  rows, open_rows, used = [], [], []
+  for i in order.tolist():
+    n = int(lengths[i])
+    for b, u in enumerate(used):
+      if u + n <= max_len:
+        open_rows[b].append(i)
+        used[b] += n
+        break
+    else:
+      if len(open_rows) == _PACKING_BINS:
+        b = used.index(max(used))
+        rows.append(open_rows.pop(b))
+        used.pop(b)
+      open_rows.append([i])
+      used.append(n)
+  return rows + open_rows  # The epoch's last rows, in the order they were opened.
 
-  Grain's own `shuffle` computes every index with a cipher (~60 us per element here) and its
-  per-element machinery costs as much again; here one cached numpy permutation serves a whole
-  epoch and `_getitems` serves a batch at once.
+
+class RowPlan:
+  """Which examples make up each row of one dataset's endless stream — the same on every host.
+
+  Epoch e visits every example once, in the order of a permutation seeded by (seed, e); with
+  packing its examples are packed first-fit into rows of max_len positions, otherwise each
+  example is a row. The plan reads only example lengths, so every host knows every row of the
+  global stream (and its length) without reading or asking anyone: the global batch is the same
+  for any number of hosts, and all hosts agree on a batch's bucket.
   """
 
-  def __init__(self, source: ExampleSource, seed: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(self, lengths: np.ndarray, seed: int, max_len: int, packing: bool):
+    self._lengths = np.asarray(lengths, np.int64)
+    self._seed, self._max_len, self._packing = seed, max_len, packing
+    self._starts = [0]  # First global row of epochs 0, 1, ... planned so far (and the next one).
+    self._plans = {}  # epoch -> (examples in row order, row offsets into them); the last two.
+
+  def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    if epoch not in self._plans:
+      order = np.random.default_rng([self._seed, epoch]).permutation(len(self._lengths))
+      if self._packing:
+        rows = _first_fit(order, self._lengths, self._max_len)
+        offsets = np.cumsum([0] + [len(r) for r in rows])
+        order = np.asarray([i for r in rows for i in r], np.int64)
+      else:
+        offsets = np.arange(len(order) + 1)
+      self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+      self._plans[epoch] = (order, offsets)
+    return self._plans[epoch]
+
+  def rows_in_epoch(self, epoch: int) -> int:
+    return len(self._plan(epoch)[1]) - 1
+
+  def _locate(self, row: int) -> tuple[int, int]:
+    while self._starts[-1] <= row:
+      self._starts.append(self._starts[-1] + self.rows_in_epoch(len(self._starts) - 1))
+    epoch = bisect.bisect_right(self._starts, row) - 1
+    return epoch, row - self._starts[epoch]
+
+  def examples(self, row: int) -> np.ndarray:
+    """The example ids of global row `row`, in their order within the row."""
+    epoch, k = self._locate(row)
+    order, offsets = self._plan(epoch)
+    return order[offsets[k]:offsets[k + 1]]
+
+  def longest(self, start: int, stop: int) -> int:
+    """The most positions any of global rows start .. stop - 1 holds."""
+    return max(int(self._lengths[self.examples(r)].sum()) for r in range(start, stop))
+
+
+class GlobalRows(grain.MapDataset):
+  """One dataset's endless global row stream (RowPlan), read by random access: row g -> arrays."""
+
+  def __init__(self, source: 'ExampleSource', seed: int, max_len: int, packing: bool):
     super().__init__()
-    self._source = source
-    self._shard = np.arange(process_index, len(source), process_count)
-    if not len(self._shard):
-      raise ValueError(f'host {process_index} of {process_count} has no examples to read')
-    self._seed = seed
-    self._epoch, self._perm = -1, None
+    self._source, self._packing = source, packing
+    lengths = np.diff(source._offsets) - 1  # Positions per row.  # pylint: disable=protected-access
+    self.plan = RowPlan(lengths, seed, max_len, packing)
 
   def __len__(self) -> int:
-    return sys.maxsize // 2  # Endless in practice; halved so batching's round-up cannot overflow.
+    return sys.maxsize // 2  # Endless in practice; halved so slicing cannot overflow.
 
   def __str__(self) -> str:
-    return f'ShuffledRows({len(self._shard)} examples, seed={self._seed})'
-
-  def _row(self, index: int) -> dict:
-    epoch, offset = divmod(index, len(self._shard))
-    if epoch != self._epoch:
-      self._epoch = epoch
-      self._perm = np.random.default_rng([self._seed, epoch]).permutation(len(self._shard))
-    return to_row(self._source[int(self._shard[self._perm[offset]])])
+    return f'GlobalRows({len(self._source)} examples, packing={self._packing})'
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    return self._row(index)
+    rows = [to_row(self._source[int(i)]) for i in self.plan.examples(index)]
+    return pack_rows(rows) if self._packing else rows[0]
 
   def _getitems(self, indices):
-    return [self._row(i) for i in indices]
+    return [self[i] for i in indices]
 
 
-class RowLengths:
-  """The lengths of every host's rows in ShuffledRows order, from the example offsets alone.
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """How one host cuts a dataset's global rows into its batches."""
+  dataset_id: int
+  rows: int  # Host-local rows per batch.
+  max_len: int
+  pad_id: int
+  buckets: tuple = ()
+  process_index: int = 0
+  process_count: int = 1
+  token_example_ids: bool = False  # Add each token's example id (reward batches).
 
-  With several processes and `data.buckets`, every host must crop a batch to the same length:
-  each host works out the other hosts' rows (same seeds, their shards) instead of asking them.
-  """
 
-  def __init__(self, source: ExampleSource, seed: int, process_count: int):
-    self._lengths = np.diff(source._offsets) - 1  # Positions per row.  # pylint: disable=protected-access
-    self._shards = [np.arange(q, len(source), process_count) for q in range(process_count)]
-    self._seed, self._perms = seed, {}
+def host_batch(rows: GlobalRows, start: int, spec: BlockSpec) -> dict:
+  """This host's slice of the global batch of global rows start .. start + rows * hosts - 1,
+  cropped to the bucket that holds the longest row of the whole global batch."""
+  width = spec.rows * spec.process_count
+  longest = rows.plan.longest(start, start + width) if spec.buckets else None
+  first = start + spec.process_index * spec.rows
+  got = rows._getitems(range(first, first + spec.rows))  # pylint: disable=protected-access
+  batch = crop(stack(got, spec.max_len, spec.pad_id), [spec.dataset_id] * spec.rows,
+               spec.max_len, spec.buckets, longest)
+  return _with_token_example_ids(batch, got) if spec.token_example_ids else batch
 
-  def longest(self, start: int, n: int) -> int:
-    """The longest of rows start .. start + n - 1 over every host's stream."""
-    longest = 0
-    for q, shard in enumerate(self._shards):
-      for index in range(start, start + n):
-        epoch, offset = divmod(index, len(shard))
-        if (q, epoch) not in self._perms:
-          self._perms = {k: v for k, v in self._perms.items() if k[1] >= epoch - 1}
-          self._perms[(q, epoch)] = np.random.default_rng([self._seed, epoch]).permutation(
-              len(shard))
-        longest = max(longest, int(self._lengths[shard[self._perms[(q, epoch)][offset]]]))
-    return longest
+
+class HostBlocks(grain.MapDataset):
+  """Block k = this host's part of the k-th global batch drawn from one dataset (mixing per batch
+  takes whole global batches from a dataset, so each host's sequence of blocks is fixed)."""
+
+  def __init__(self, rows: GlobalRows, spec: BlockSpec):
+    super().__init__()
+    self._rows, self._spec = rows, spec
+
+  def __len__(self) -> int:
+    return sys.maxsize // (2 * self._spec.rows * self._spec.process_count)
+
+  def __str__(self) -> str:
+    return f'HostBlocks({self._rows}, rows={self._spec.rows})'
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return host_batch(self._rows, index * self._spec.rows * self._spec.process_count, self._spec)
 
 
 def to_row(example: dict) -> dict:
@@ -128,18 +202,6 @@ def to_row(example: dict) -> dict:
       'positions': np.arange(n, dtype=np.int32),
       'segment_ids': np.ones(n, np.int32),
       'example_id': example['example_id'],
-  }
-
-
-def _strip_id(row: dict) -> dict:
-  return {k: row[k] for k in ('tokens', 'targets', 'loss_mask')}
-
-
-def _from_packed(packed: dict) -> dict:
-  return {
-      'tokens': packed['tokens'], 'targets': packed['targets'], 'loss_mask': packed['loss_mask'],
-      'positions': packed['tokens_positions'], 'segment_ids': packed['tokens_segment_ids'],
-      'example_id': -1,
   }
 
 
@@ -160,53 +222,6 @@ def stack(rows: list[dict], length: int, pad_id: int) -> dict:
   block['example_ids'] = np.asarray([row['example_id'] for row in rows], np.int32)
   block['lengths'] = np.asarray([len(row['tokens']) for row in rows], np.int32)
   return block
-
-
-@dataclasses.dataclass(frozen=True)
-class _Stack:
-  """Picklable batch_fn: stacks rows padded to max_len."""
-  length: int
-  pad_id: int
-
-  def __call__(self, rows):
-    return stack(list(rows), self.length, self.pad_id)
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamSpec:
-  """What shapes one endless per-dataset stream."""
-  seed: int
-  block: int  # Rows per element of the stream (one host batch).
-  max_len: int
-  pad_id: int
-  process_index: int = 0
-  process_count: int = 1
-  packing: bool = False
-  num_workers: int = 0
-
-
-def endless_blocks(source: ExampleSource, spec: StreamSpec) -> grain.IterDataset:
-  """This host's shard, shuffled anew every epoch (seeded), repeated forever, as blocks of rows.
-
-  Blocks, not rows, are the stream's elements: Grain's per-element overhead (and with worker
-  processes the inter-process transfer) is paid once per batch.
-  """
-  rows = ShuffledRows(source, spec.seed, spec.process_index, spec.process_count)
-  to_block = _Stack(spec.max_len, spec.pad_id)
-  # Data is in memory: reader threads would only contend for the GIL.
-  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
-  if spec.packing:
-    length = spec.max_len
-    it = grain_experimental.FirstFitPackIterDataset(
-        rows.map(_strip_id).to_iter_dataset(read),
-        length_struct={'tokens': length, 'targets': length, 'loss_mask': length},
-        num_packing_bins=_PACKING_BINS, shuffle_bins=False).map(_from_packed)
-    it = it.batch(spec.block, batch_fn=to_block)
-  else:
-    it = rows.batch(spec.block, batch_fn=to_block).to_iter_dataset(read)
-  if spec.num_workers:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=spec.num_workers))
-  return it
 
 
 def pick_length(lengths, max_len: int, buckets) -> int:
