@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import statistics
+import sys
 import time
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -51,10 +55,14 @@ def main():
   p.add_argument('--seq', type=int, default=128)
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--only', choices=('both', 'lora', 'full'), default='both',
+                 help="'lora' for models whose full fine-tuning does not fit the device")
+  p.add_argument('--dtype', default='float32', help='compute and parameter dtype')
   args = p.parse_args()
   cfg = config_lib.base_config()
   cfg.train.steps = 1000
-  model = models.init_model(models.get_preset(args.preset, scan_layers=True), seed=0)
+  model = models.init_model(models.get_preset(args.preset, scan_layers=True, dtype=args.dtype,
+                                              param_dtype=args.dtype), seed=0)
   lora_config = ml_collections.ConfigDict(dict(rank=args.rank, alpha=16.0, dropout=0.0,
                                                targets=cfg.model.lora.targets))
   rng = np.random.default_rng(0)
@@ -65,8 +73,11 @@ def main():
                segment_ids=np.ones(tokens.shape, np.int32),
                dataset_ids=np.zeros(args.batch, np.int32), example_ids=np.arange(args.batch))
   batch = jax.tree.map(jnp.asarray, batch)
-  runs = {'full': make_step(model, cfg.train, False),
-          'lora': make_step(lora.add_adapters(model, lora_config), cfg.train, True)}
+  runs = {}
+  if args.only in ('both', 'full'):
+    runs['full'] = make_step(model, cfg.train, False)
+  if args.only in ('both', 'lora'):
+    runs['lora'] = make_step(lora.add_adapters(model, lora_config), cfg.train, True)
   states = {k: v[1] for k, v in runs.items()}
   times = {k: [] for k in runs}
   for name, (fn, _, frozen) in runs.items():  # Compile and warm up.
@@ -80,9 +91,12 @@ def main():
       jax.block_until_ready((states[name], m))
       times[name].append((time.perf_counter() - start) / args.steps)
   med = {k: statistics.median(v) for k, v in times.items()}
-  print(f"preset={args.preset} rank={args.rank} batch={args.batch}x{args.seq} devices={jax.devices()[0].platform}")
-  print(f"full: {med['full'] * 1e3:.1f} ms/step  lora: {med['lora'] * 1e3:.1f} ms/step  "
-        f"ratio lora/full: {med['lora'] / med['full']:.2f}")
+  print(f'preset={args.preset} rank={args.rank} batch={args.batch}x{args.seq} dtype={args.dtype} '
+        f'device={jax.devices()[0].device_kind}')
+  for name, seconds in med.items():
+    print(f'{name}: {seconds * 1e3:.1f} ms/step, {args.batch * args.seq / seconds:,.0f} tokens/s')
+  if len(med) == 2:
+    print(f"ratio lora/full: {med['lora'] / med['full']:.2f}")
 
 
 if __name__ == '__main__':
