@@ -254,7 +254,8 @@ def test_buckets_pad_to_the_smallest_fit(files):
 
 
 def test_buckets_agree_across_hosts(files):
-  """Two hosts crop every batch (training, reward, dev) to the bucket of both hosts' longest row."""
+  """Two hosts crop every batch (training, reward, dev) to the bucket of both hosts' longest row
+  (reward batches: of every dataset's, since the reward step stacks them)."""
   kw = dict(buckets=(25, 27), max_len=64, batch_size=2, reward_batch_size=2)
   hosts = [build_data(_config(files, **kw), p, 2) for p in range(2)]
   widths, after_restore = set(), []
@@ -265,7 +266,8 @@ def test_buckets_agree_across_hosts(files):
         data.train.set_state(state)
     pair = [next(data.train) for data in hosts]
     rewards = [data.train.reward_batches() for data in hosts]
-    for batches in [pair] + [[r[n] for r in rewards] for n in rewards[0]]:
+    # Reward batches of every dataset are stacked into one: one width for all of them.
+    for batches in [pair, [b for r in rewards for b in r.values()]]:
       longest = max(int(b['segment_ids'].sum(axis=1).max()) for b in batches)
       width = {b['tokens'].shape[1] for b in batches}
       assert width == {min(w for w in (25, 27, 64) if w >= longest)}

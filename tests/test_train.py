@@ -298,3 +298,19 @@ def test_other_rewards_run_end_to_end(tmp_path, strategy, reward):
   # Started uniform; COSSIM rewards are all close to 1, so p moves only a little (p ~ R).
   moved = [abs(last[f'mixture/{n}'] - 0.25) for n in run.data.names]
   assert max(moved) > 1e-5, moved
+
+
+@pytest.mark.parametrize('strategy', ['mos', 'multiuat'])
+def test_buckets_with_reward_and_dev_batches(tmp_path, strategy):
+  """Unpacked rows cropped to buckets: the reward step stacks every dataset's batch (train
+  reward batches, or dev windows for MultiUAT), which must all have one width."""
+  config = demo_config(tmp_path, train__steps=2, train__log_every=1, train__eval_every=0,
+                       train__checkpoint_every=0, train__eval_batches=1)
+  config.data.packing, config.data.buckets = False, (32, 64, 96)
+  config.mixing.strategy, config.mixing.update_every = strategy, 1
+  config.mixing.diff_reference = 'cache'
+  workdir = str(tmp_path / strategy)
+  run = trainer.build(config, workdir)
+  trainer.train(run)
+  last = [r for r in _metric_lines(workdir) if 'reward/math' in r][-1]
+  assert all(np.isfinite(last[f'reward_raw/{n}']) for n in run.data.names)

@@ -65,9 +65,9 @@ class DataBundle:
     start = index * rows
     chosen = [mine[(start + k) % len(mine)] for k in range(rows)]
     block = pipeline.stack([pipeline.to_row(source[i]) for i in chosen], s['max_len'], s['pad_id'])
-    # With several hosts every host pads to max_len (buckets would differ between hosts).
-    longest = s['max_len'] if s['process_count'] > 1 else None
-    return pipeline.crop(block, [self._index(name)] * rows, s['max_len'], s['buckets'], longest)
+    # Padded to max_len: the windows of every dataset (and host) are stacked into one batch.
+    return pipeline.crop(block, [self._index(name)] * rows, s['max_len'], s['buckets'],
+                         s['max_len'])
 
   def full_pass_batches(self, name: str, batch_size: int, examples=None):
     """Every train example once, in order, batch_size // process_count rows per host and batch;

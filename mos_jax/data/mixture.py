@@ -167,14 +167,20 @@ class MixtureIterator(grain.DatasetIterator):
 
   def reward_batches(self) -> dict[str, dict]:
     """One batch of reward_batch_size rows per dataset (this host's part), from the reward
-    streams; rows carry `token_example_ids` (each token's example, -1 on padding)."""
+    streams, all of one width; rows carry `token_example_ids` (each token's example, -1 on
+    padding)."""
     self._assert_not_closed()
     s = self._spec
+    width = s.reward_rows * s.process_count
+    longest = None  # The reward step stacks every dataset's batch: one bucket for all of them.
+    if s.buckets:
+      longest = max(rows.plan.longest(taken, taken + width)
+                    for rows, taken in zip(self._reward, self._taken['reward']))
     out = {}
     for i, name in enumerate(s.names):
       out[name] = pipeline.host_batch(self._reward[i], self._taken['reward'][i],
-                                      self._reward_blocks[i])
-      self._taken['reward'][i] += s.reward_rows * s.process_count
+                                      self._reward_blocks[i], longest)
+      self._taken['reward'][i] += width
     return out
 
   def get_state(self) -> dict:

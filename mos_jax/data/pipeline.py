@@ -159,11 +159,12 @@ class BlockSpec:
   token_example_ids: bool = False  # Add each token's example id (reward batches).
 
 
-def host_batch(rows: GlobalRows, start: int, spec: BlockSpec) -> dict:
+def host_batch(rows: GlobalRows, start: int, spec: BlockSpec, longest: int | None = None) -> dict:
   """This host's slice of the global batch of global rows start .. start + rows * hosts - 1,
-  cropped to the bucket that holds the longest row of the whole global batch."""
+  cropped to the bucket that holds the longest row of the whole global batch (or `longest`)."""
   width = spec.rows * spec.process_count
-  longest = rows.plan.longest(start, start + width) if spec.buckets else None
+  if spec.buckets and longest is None:
+    longest = rows.plan.longest(start, start + width)
   first = start + spec.process_index * spec.rows
   got = rows._getitems(range(first, first + spec.rows))  # pylint: disable=protected-access
   batch = crop(stack(got, spec.max_len, spec.pad_id), [spec.dataset_id] * spec.rows,
