@@ -45,7 +45,8 @@ def load_or_compute(cache_dir: str, data, key: str, nll_fn: Callable, to_global:
   """Per dataset, the theta_0 mean NLL of every training example (indexed by example id).
 
   `nll_fn(global_batch) -> [B, L]` runs the jitted forward (masked token NLL); `to_global` turns
-  host-local rows into global arrays. Only process 0 writes the files; every process holds the whole table.
+  host-local rows into global arrays. Only process 0 writes the files; every process holds the
+  whole table.
   """
   tables = {}
   for name in data.names:

@@ -51,7 +51,8 @@ def _batch(examples, packed: bool):
     batch = pipeline.stack(rows, LENGTH, 0)
     del batch['lengths']
     batch['dataset_ids'] = np.full(len(rows), d, np.int32)
-    per_dataset[name] = pipeline._with_token_example_ids(batch, rows)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    per_dataset[name] = pipeline._with_token_example_ids(batch, rows)
   return trainer._stack_reward_batches(per_dataset, NAMES)  # pylint: disable=protected-access
 
 
@@ -148,7 +149,8 @@ def _per_row_reward(graphdef, params, theta0, batch, num_datasets):
   nll, valid, hidden = example_nll(params)
   mask = (batch['segment_ids'] > 0).astype(jnp.float32)
   count = mask.sum(axis=1)
-  row = jnp.einsum('BLD,BL->BD', hidden.astype(jnp.float32), mask) / jnp.maximum(count, 1.0)[:, None]
+  row = jnp.einsum('BLD,BL->BD', hidden.astype(jnp.float32), mask)
+  row = row / jnp.maximum(count, 1.0)[:, None]
   ok = per_dataset((count > 0).astype(jnp.float32))[..., None]  # [N, b, 1]
   embeddings = jnp.sum(per_dataset(row) * ok, axis=1) / jnp.maximum(jnp.sum(ok, axis=1), 1.0)
   return {'nll': per_dataset(nll), 'valid': per_dataset(valid), 'embeddings': embeddings,
