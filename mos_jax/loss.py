@@ -21,10 +21,46 @@ def masked_sums(nll, loss_mask):
   return (nll * loss_mask).sum(axis=-1), loss_mask.sum(axis=-1)
 
 
-def per_example_mean_nll(nll, loss_mask):
-  """Mean NLL over each row's trained tokens; rows with none give 0 (and are marked invalid)."""
-  total, count = masked_sums(nll, loss_mask)
+def segment_slots(segment_ids):
+  """Each token's slot in a flat [B * L] per-segment array: segment k (ids 1..k, 0 = padding) of
+  row r sits at r * L + k - 1 (a row of L tokens holds at most L segments); padding gets B * L,
+  out of range, which jax.ops.segment_sum drops."""
+  b, length = segment_ids.shape
+  slots = jnp.arange(b, dtype=jnp.int32)[:, None] * length + segment_ids - 1
+  return jnp.where(segment_ids > 0, slots, b * length).reshape(-1)
+
+
+def _segment_sums(values, slots, shape):
+  """values [B, L] added into their segment's slot -> [B, L] (segment k of a row at k - 1)."""
+  return jax.ops.segment_sum(values.reshape(-1), slots, num_segments=shape[0] * shape[1]
+                             ).reshape(shape)
+
+
+def per_segment_mean(values, segment_ids, loss_mask):
+  """Mean of token `values` [B, L] over each packed example's (segment's) trained tokens.
+
+  Returns (means, valid), both [B, L]: segment k of a row at index k - 1; slots without a segment
+  or segments without a trained token give 0 and are invalid. O(B * L) memory (a scatter, no
+  one-hot). An unpacked row is one segment, so index 0 holds its mean over the row.
+  """
+  slots = segment_slots(segment_ids)
+  weighted = values * loss_mask
+  total = _segment_sums(weighted, slots, values.shape)
+  count = _segment_sums(loss_mask, slots, values.shape)
+  # Segment 1 by the row reduction the per-row code used: unpacked rows keep their values bit for
+  # bit (a scatter adds in another order).
+  total = total.at[:, 0].set(jnp.sum(weighted * (segment_ids == 1), axis=-1))
   return total / jnp.maximum(count, 1.0), count > 0
+
+
+def per_segment_value(values, segment_ids, loss_mask):
+  """The value each segment carries on its trained tokens (one per example, repeated on its
+  tokens, as the cached theta_0 NLL is): [B, L] per segment as in per_segment_mean, 0 without
+  trained tokens. Read, not averaged, so it comes back exactly."""
+  b, length = values.shape
+  picked = jax.ops.segment_max(jnp.where(loss_mask > 0, values, -jnp.inf).reshape(-1),
+                               segment_slots(segment_ids), num_segments=b * length)
+  return jnp.where(jnp.isfinite(picked), picked, 0.0).reshape(b, length)
 
 
 def per_dataset_sums(row_values, dataset_ids, num_datasets):

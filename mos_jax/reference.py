@@ -44,8 +44,9 @@ def load_or_compute(cache_dir: str, data, key: str, nll_fn: Callable, to_global:
                     batch_size: int, write: bool) -> Mapping[str, np.ndarray]:
   """Per dataset, the theta_0 mean NLL of every training example (indexed by example id).
 
-  `nll_fn(global_batch) -> [B]` runs the jitted forward; `to_global` turns host-local rows into
-  global arrays. Only process 0 writes the files; every process holds the whole table.
+  `nll_fn(global_batch) -> [B, L]` runs the jitted forward (masked token NLL); `to_global` turns
+  host-local rows into global arrays. Only process 0 writes the files; every process holds the
+  whole table.
   """
   tables = {}
   for name in data.names:
@@ -72,7 +73,7 @@ def load_or_compute(cache_dir: str, data, key: str, nll_fn: Callable, to_global:
       sums += np.bincount(ids[keep], weights=token_nll[keep], minlength=size)
       counts += np.bincount(ids[keep], weights=mask[keep], minlength=size)
       seen[ids[keep]] = True
-    # Mean over each example's trained tokens (0 without any, as steps.example_nll gives).
+    # Mean over each example's trained tokens (0 without any, as loss.per_segment_mean gives).
     table = np.where(seen, sums / np.maximum(counts, 1.0), np.nan).astype(np.float32)
     if np.isnan(table).any():
       missing = int(np.isnan(table).sum())
@@ -87,9 +88,21 @@ def load_or_compute(cache_dir: str, data, key: str, nll_fn: Callable, to_global:
 
 
 def lookup(tables: Mapping[str, np.ndarray], names, batch) -> np.ndarray:
-  """theta_0 NLL of each row of a host-local reward batch (rows carry dataset and example ids)."""
-  out = np.zeros(batch['example_ids'].shape, np.float32)
-  for row, (ds, ex) in enumerate(zip(batch['dataset_ids'], batch['example_ids'])):
-    out[row] = tables[names[ds]][ex]
+  """theta_0 NLL of each token's example in a host-local reward batch: [rows, L] float32, 0 on
+  padding and filler (example id -1). Rows may pack several examples, so the ids are read per
+  token (`token_example_ids` [rows, L]) with the row's `dataset_ids`; the reward step takes each
+  segment's value (loss.per_segment_value). A batch without token ids (unpacked rows) uses each
+  row's `example_ids` on its real tokens."""
+  ids = batch.get('token_example_ids')
+  if ids is None:
+    packed = (np.asarray(batch['example_ids']) < 0) & (np.asarray(batch['loss_mask']).sum(1) > 0)
+    if packed.any():  # Packed rows carry example id -1 (filler rows too, but train nothing).
+      raise ValueError('a packed reward batch needs token_example_ids [rows, L] to look up its '
+                       'examples\' theta_0 NLL.')
+    ids = np.where(batch['segment_ids'] > 0, np.asarray(batch['example_ids'])[:, None], -1)
+  ids = np.asarray(ids)
+  out = np.zeros(ids.shape, np.float32)
+  for row, ds in enumerate(np.asarray(batch['dataset_ids'])):
+    known = ids[row] >= 0
+    out[row, known] = tables[names[ds]][ids[row, known]]
   return out
-

@@ -145,10 +145,19 @@ def train_step(state: TrainState, batch, frozen=None, *, graphdef, optimizer, nu
 
 
 def example_nll(graphdef, params, batch, frozen=None):
-  """Per-row mean NLL over trained tokens and the final hidden states, from one forward."""
+  """Per-example mean NLL over trained tokens, its valid mask (both [B, L]: rows may pack several
+  examples, segment k of a row at index k - 1; loss.per_segment_mean) and the final hidden states,
+  from one forward."""
   nll, hidden = _forward_nll(graphdef, params, batch, frozen)
-  mean_nll, valid = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
+  mean_nll, valid = loss_lib.per_segment_mean(nll, batch['segment_ids'], batch['loss_mask'])
   return mean_nll, valid, hidden
+
+
+def segments_per_dataset(x, num_datasets):
+  """Per-segment values of example-major reward rows, [b * N, S, ...] -> [N, b * S, ...]: each
+  dataset's examples (packed or not) side by side, invalid slots included."""
+  x = x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)  # [N, b, S, ...]
+  return x.reshape((num_datasets, -1) + x.shape[3:])
 
 
 def in_micro_batches(fn, batch, micro_rows: int):
@@ -173,10 +182,12 @@ def reward_step(params, reference_params, batch, frozen=None, *, graphdef, num_d
                 with_embeddings: bool = True, micro_rows: int = 0, base_reference: bool = False):
   """The reward forward over one batch from every dataset (rows grouped by dataset).
 
-  batch leaves are [b * N, ...], example-major (row j * N + i is example j of dataset i), so that
-  host-local blocks concatenate into the same layout on any number of hosts. Returns per-dataset
-  pooled embeddings [N, D] (Eq. 7) and per-example mean NLL [N, b] under theta; and under theta_0
-  either from `reference_params` (kept on device) or from the batch's cached `nll0` rows.
+  batch leaves are [b * N, ...], example-major (row j * N + i is row j of dataset i), so that
+  host-local blocks concatenate into the same layout on any number of hosts. A row may pack
+  several examples (segment_ids 1..k): every per-example value is per segment. Returns per-dataset
+  pooled embeddings [N, D] (Eq. 7: mean over the dataset's examples) and per-example mean NLL and
+  valid [N, b * L] (segments_per_dataset); and under theta_0 either from `reference_params` (kept
+  on device) or from the batch's cached per-token `nll0` [b * N, L] (reference.lookup).
   Forwards run `micro_rows` rows at a time (0 = all rows at once). With `base_reference` (LoRA),
   theta_0 is the frozen base with the adapters off: the same forward with every adapter at zero
   (x A B = 0 exactly), so no second copy of the model exists.
@@ -187,27 +198,24 @@ def reward_step(params, reference_params, batch, frozen=None, *, graphdef, num_d
   def per_row(rows):
     nll, valid, hidden = example_nll(graphdef, params, rows, frozen)
     out = {'nll': nll, 'valid': valid}
-    if with_embeddings:  # Eq. 7's mean over each example's tokens: [r, D] fp32.
-      token_mask = (rows['segment_ids'] > 0).astype(jnp.float32)
-      count = token_mask.sum(axis=1)
-      out['row_embedding'] = jnp.einsum('BLD,BL->BD', hidden.astype(jnp.float32), token_mask
-                                        ) / jnp.maximum(count, 1.0)[:, None]
-      out['row_has_tokens'] = (count > 0).astype(jnp.float32)
+    if with_embeddings:  # Eq. 7's mean over each example's tokens, summed per row: [r, D] fp32.
+      out['embedding_sums'], out['embedding_counts'] = rewards.segment_embedding_sums(
+          hidden, rows['segment_ids'])
     if reference_params is not None:
       out['nll0'], _, _ = example_nll(graphdef, reference_params, rows, frozen)
+    elif 'nll0' in rows:
+      out['nll0'] = loss_lib.per_segment_value(rows['nll0'], rows['segment_ids'],
+                                               rows['loss_mask'])
     return out
 
   rows = in_micro_batches(per_row, batch, micro_rows)
-  per_dataset = lambda x: x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
-  out = {'nll': per_dataset(rows['nll']), 'valid': per_dataset(rows['valid'])}
-  if with_embeddings:  # Then the mean over each dataset's examples (one "token" per row).
-    out['embeddings'] = jax.vmap(rewards.pooled_embedding)(
-        per_dataset(rows['row_embedding'][:, None, :]),
-        per_dataset(rows['row_has_tokens'][:, None]))  # [N, D]
-  if reference_params is not None:
-    out['nll0'] = per_dataset(rows['nll0'])
-  elif 'nll0' in batch:
-    out['nll0'] = per_dataset(batch['nll0'])
+  out = {k: segments_per_dataset(rows[k], num_datasets) for k in ('nll', 'valid', 'nll0')
+         if k in rows}
+  if with_embeddings:  # Then the mean over each dataset's examples.
+    per_dataset = lambda x: x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
+    sums = jnp.sum(per_dataset(rows['embedding_sums']), axis=1)  # [N, D]
+    counts = jnp.sum(per_dataset(rows['embedding_counts']), axis=1)  # [N]
+    out['embeddings'] = sums / jnp.maximum(counts, 1.0)[:, None]
   return out
 
 

@@ -10,28 +10,30 @@ from mos_jax.mixing import rewards
 RNG = np.random.default_rng(0)
 
 
-def _pool_by_hand(hidden, mask, valid):
-  rows = []
+def _pool_by_hand(hidden, segment_ids):
+  examples = []
   for b in range(hidden.shape[0]):
-    tokens = [hidden[b, t] for t in range(hidden.shape[1]) if mask[b, t]]
-    if valid[b] and tokens:
-      rows.append(sum(tokens) / len(tokens))
-  return sum(rows) / len(rows)
+    for k in range(1, int(segment_ids[b].max(initial=0)) + 1):
+      tokens = [hidden[b, t] for t in range(hidden.shape[1]) if segment_ids[b, t] == k]
+      if tokens:
+        examples.append(sum(tokens) / len(tokens))
+  return sum(examples) / len(examples)
 
 
 def test_pooled_embedding_matches_loops():
   hidden = RNG.normal(size=(4, 5, 3)).astype(np.float32)
-  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], np.float32)
-  valid = np.array([1, 1, 1, 0], np.float32)
-  z = rewards.pooled_embedding(jnp.asarray(hidden), jnp.asarray(mask), jnp.asarray(valid))
-  # Row 2 has no token and row 3 is padding: neither counts.
-  np.testing.assert_allclose(z, _pool_by_hand(hidden, mask, valid), rtol=1e-5)
-  z_all = rewards.pooled_embedding(jnp.asarray(hidden), jnp.asarray(mask))
-  np.testing.assert_allclose(z_all, _pool_by_hand(hidden, mask, [1, 1, 1, 1]), rtol=1e-5)
+  # Row 1 packs three examples; row 2 is all padding and counts for nothing.
+  segments = np.array([[1, 1, 1, 0, 0], [1, 1, 2, 3, 3], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]],
+                      np.int32)
+  z = rewards.pooled_embedding(jnp.asarray(hidden), jnp.asarray(segments))
+  np.testing.assert_allclose(z, _pool_by_hand(hidden, segments), rtol=1e-5)
+  unpacked = (segments > 0).astype(np.int32)  # The same tokens as one example per row.
+  z_rows = rewards.pooled_embedding(jnp.asarray(hidden), jnp.asarray(unpacked))
+  np.testing.assert_allclose(z_rows, _pool_by_hand(hidden, unpacked), rtol=1e-5)
 
 
 def test_pooled_embedding_empty_batch_is_finite():
-  z = rewards.pooled_embedding(jnp.ones((2, 3, 4)), jnp.zeros((2, 3)))
+  z = rewards.pooled_embedding(jnp.ones((2, 3, 4)), jnp.zeros((2, 3), jnp.int32))
   assert np.all(np.isfinite(z)) and np.all(np.asarray(z) == 0)
 
 
@@ -106,11 +108,17 @@ def test_diff_mospec_multiplies_target():
 
 def test_example_nll_is_mean_over_response_tokens():
   from mos_jax import loss
-  token_nll = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
-  mask = jnp.array([[0, 1, 1], [0, 0, 0]], jnp.float32)
-  nll, has = loss.per_example_mean_nll(token_nll, mask)
-  np.testing.assert_allclose(nll, [2.5, 0.0])
-  np.testing.assert_array_equal(has, [True, False])
+  token_nll = jnp.array([[1.0, 2.0, 3.0, 7.0], [4.0, 5.0, 6.0, 8.0]])
+  mask = jnp.array([[0, 1, 1, 0], [0, 0, 0, 0]], jnp.float32)
+  segments = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.int32)
+  nll, has = loss.per_segment_mean(token_nll, segments, mask)
+  np.testing.assert_allclose(nll[:, 0], [2.5, 0.0])  # Segment 1 of each row at index 0.
+  np.testing.assert_array_equal(has, [[True, False, False, False], [False] * 4])
+  # Packed: segments 1, 2, 3 of one row; segment 2 trains nothing.
+  nll, has = loss.per_segment_mean(jnp.array([[1.0, 2.0, 3.0, 5.0]]),
+                                   jnp.array([[1, 2, 3, 3]]), jnp.array([[1.0, 0.0, 1.0, 1.0]]))
+  np.testing.assert_allclose(nll, [[1.0, 0.0, 4.0, 0.0]])
+  np.testing.assert_array_equal(has, [[True, False, True, False]])
 
 
 def test_ema_two_updates_by_hand():

@@ -153,10 +153,11 @@ def test_example_uncertainty_matches_numpy():
       - logits.max(-1, keepdims=True)
   h = -(np.exp(logp) * logp).sum(-1)
   m = batch['loss_mask']
-  np.testing.assert_allclose(np.asarray(ent), (h * m).sum(1) / m.sum(1), rtol=1e-5)
+  # One example per row: segment 1, at slot 0 of each row's [L] per-segment values.
+  np.testing.assert_allclose(np.asarray(ent)[:, 0], (h * m).sum(1) / m.sum(1), rtol=1e-5)
   tok = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
-  np.testing.assert_allclose(np.asarray(nll), (tok * m).sum(1) / m.sum(1), rtol=1e-5)
-  assert np.all(np.asarray(valid))
+  np.testing.assert_allclose(np.asarray(nll)[:, 0], (tok * m).sum(1) / m.sum(1), rtol=1e-5)
+  assert np.all(np.asarray(valid)[:, 0]) and not np.any(np.asarray(valid)[:, 1:])
 
 
 def _odm_metrics(nll, tokens, finite=True):

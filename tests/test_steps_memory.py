@@ -103,17 +103,19 @@ def test_reward_and_reference_passes_in_micro_batches_equal_one_pass():
   (one, one0), (micro, micro0) = outs
   mask = batch['loss_mask']  # theta_0 pass: masked token NLL; its per-row means are the rewards'.
   one0, micro0 = (x.sum(axis=1) / np.maximum(mask.sum(axis=1), 1) for x in (one0, micro0))
-  assert one['embeddings'].shape == (2, config.hidden_size) and one['nll'].shape == (2, 4)
+  # Per-example values per segment slot: [N, rows x L]; unpacked rows hold segment 1 only.
+  assert one['embeddings'].shape == (2, config.hidden_size) and one['nll'].shape == (2, 4 * 10)
   for key in ('nll', 'nll0', 'embeddings', 'valid'):
     np.testing.assert_allclose(micro[key], one[key], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(micro0, one0, rtol=1e-5)
-  np.testing.assert_allclose(one0, one['nll0'].T.reshape(-1), rtol=1e-5)  # Row order kept.
+  first = np.asarray(one['nll0']).reshape(2, 4, 10)[:, :, 0]
+  np.testing.assert_allclose(one0, first.T.reshape(-1), rtol=1e-5)  # Row order kept.
   # Eq. 7 straight from the model's hidden states, dataset by dataset (rows j * 2 + i).
   from mos_jax.mixing import rewards
   hidden = model(batch['tokens'], positions=batch['positions'],
                  segment_ids=batch['segment_ids']).hidden
   for i in range(2):
-    want = rewards.pooled_embedding(hidden[i::2], batch['segment_ids'][i::2] > 0)
+    want = rewards.pooled_embedding(hidden[i::2], batch['segment_ids'][i::2])
     np.testing.assert_allclose(one['embeddings'][i], want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='reward_micro_batch=3'):
     steps.reference_nll_step(params, batch, graphdef=graphdef, micro_rows=3)

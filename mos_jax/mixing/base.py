@@ -17,14 +17,16 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-# Every signal the reward step can compute. N datasets, b examples per reward batch, D hidden.
+# Every signal the reward step can compute. N datasets, D hidden; per-example signals are per
+# packed example (segment): [N, b * L] for b rows of L tokens per dataset, with a valid mask that
+# marks the slots holding an example with trained tokens (steps.segments_per_dataset).
 SIGNALS = {
     'embeddings': 'pooled last hidden state of each train reward batch, theta [N, D]',
-    'nll': 'per-example mean token NLL on the train reward batches, theta [N, b] (+ valid [N, b])',
-    'nll0': 'the same under theta_0 (cached or from an on-device copy) [N, b]',
-    'dev_entropy': 'per-example mean predictive token entropy on a dev batch of each dataset [N, b] '
-                   '(+ dev_valid [N, b])',
-    'dev_nll': 'per-example mean token NLL on a dev batch of each dataset [N, b] (+ dev_valid)',
+    'nll': 'per-example mean token NLL on the train reward batches, theta [N, b * L] (+ valid)',
+    'nll0': 'the same under theta_0 (cached or from an on-device copy) [N, b * L]',
+    'dev_entropy': 'per-example mean predictive token entropy on a dev batch of each dataset '
+                   '[N, b * L] (+ dev_valid [N, b * L])',
+    'dev_nll': 'per-example mean token NLL on a dev batch of each dataset [N, b * L] (+ dev_valid)',
     'grad_cos': 'cos(grad of dataset i train reward batch, grad of all dev batches) [N]',
 }
 # Which reward batches each signal reads.
@@ -112,7 +114,7 @@ class Strategy:
 
 
 def masked_mean(x: jax.Array, valid: jax.Array, default: float = 0.0) -> jax.Array:
-  """Mean over the last axis of `x` [N, b] where `valid`; `default` for a row with none -> [N]."""
+  """Mean over the last axis of `x` [N, B] where `valid`; `default` for a row with none -> [N]."""
   valid = valid.astype(jnp.float32)
   x = jnp.where(valid > 0, x.astype(jnp.float32), 0.0)  # padding rows may hold inf/NaN
   count = jnp.sum(valid, axis=-1)

@@ -31,7 +31,7 @@ class DoReMiState:
 
 
 def excess_loss(nll, nll0, valid):
-  """Mean over valid examples of max(nll - nll0, 0): per-example NLLs [N, b] -> [N]."""
+  """Mean over valid examples of max(nll - nll0, 0): per-example NLLs [N, B] -> [N]."""
   return base.masked_mean(jnp.maximum(nll - nll0, 0.0), valid)
 
 

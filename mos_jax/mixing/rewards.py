@@ -1,7 +1,7 @@
 """Rewards of Sec. 3.2: COSSIM (Eq. 7-8), DIFF (Eq. 9-10), the EMA (Eq. 11) and MoSpec variants.
 
 All functions are pure and jittable; `target` and `factor` are static Python values.
-Shapes: N datasets, B examples per reward batch, L tokens, D hidden size.
+Shapes: N datasets, B example slots per reward batch, L tokens, D hidden size.
 """
 
 from __future__ import annotations
@@ -18,20 +18,39 @@ def _masked_mean(x: jax.Array, weight: jax.Array, axis) -> jax.Array:
   return jnp.sum(x * weight, axis=axis) / jnp.maximum(total, 1.0)
 
 
-def pooled_embedding(hidden: jax.Array, mask: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-  """Eq. 7: mean of the top-layer hidden states over each example's tokens, then over the batch.
+def segment_embedding_sums(hidden: jax.Array, segment_ids: jax.Array):
+  """Eq. 7's per-example pooling on (possibly packed) rows: each example's (segment's) mean
+  top-layer hidden state over its tokens (instruction and response: the paper pools both),
+  summed over the row's examples.
 
-  hidden [B, L, D], mask [B, L] (1 = a real token of the example: the paper pools instruction and
-  response, so pass the non-padding mask), valid [B] (0 = padded row). Rows without any token are
-  left out of the batch mean. Returns z [D] in float32.
+  hidden [B, L, D], segment_ids [B, L] (1..k, 0 = padding) -> (sums [B, D] fp32, number of
+  examples with a token [B] fp32). Two [B, L] x [B, L, D] contractions, nothing of [B, L, L].
   """
   hidden = hidden.astype(jnp.float32)
-  mask = mask.astype(jnp.float32)
-  per_example = _masked_mean(hidden, mask[..., None], axis=1)  # [B, D]
-  row_ok = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)  # [B]
-  if valid is not None:
-    row_ok = row_ok * valid.astype(jnp.float32)
-  return _masked_mean(per_example, row_ok[:, None], axis=0)  # [D]
+  b, length = segment_ids.shape
+  real = (segment_ids > 0).astype(jnp.float32)
+  index = jnp.maximum(segment_ids - 1, 0)  # [B, L]: the token's segment's slot in its row
+  slots = jnp.arange(b)[:, None] * length + index
+  tokens = jax.ops.segment_sum(real.reshape(-1), slots.reshape(-1), num_segments=b * length
+                               ).reshape(b, length)  # tokens of segment k at k - 1
+  # Segment 1 summed then divided, exactly as unpacked rows always were; later segments weigh
+  # each token by 1 / (its segment's length), so one contraction adds up their means.
+  first = jnp.einsum('BLD,BL->BD', hidden, (segment_ids == 1).astype(jnp.float32))
+  first = first / jnp.maximum(tokens[:, :1], 1.0)
+  own_length = jnp.take_along_axis(tokens, index, axis=1)
+  later = jnp.where(segment_ids > 1, 1.0 / jnp.maximum(own_length, 1.0), 0.0)
+  sums = first + jnp.einsum('BLD,BL->BD', hidden, later)
+  return sums, jnp.sum(tokens > 0, axis=1).astype(jnp.float32)
+
+
+def pooled_embedding(hidden: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Eq. 7: the mean over a batch's examples of each one's mean top-layer hidden state.
+
+  hidden [B, L, D], segment_ids [B, L] (rows may pack several examples; 1 on every real token of
+  an unpacked row, 0 on padding). Examples without a token are left out. Returns z [D] float32.
+  """
+  sums, counts = segment_embedding_sums(hidden, segment_ids)
+  return jnp.sum(sums, axis=0) / jnp.maximum(jnp.sum(counts), 1.0)
 
 
 def cossim(z: jax.Array, target: int | None = None) -> jax.Array:
@@ -50,8 +69,10 @@ def diff(nll: jax.Array, nll0: jax.Array, valid: jax.Array, target: int | None =
          factor: float = 2.0) -> jax.Array:
   """Eq. 10: R(i) = mean over valid examples of PPL(theta) / PPL(theta_0) = exp(nll - nll0).
 
-  nll, nll0 [N, B] are per-example mean token NLLs under the current and the initial model;
-  valid [N, B] marks real examples. A dataset with no valid example gets the neutral reward 1.
+  nll, nll0 [N, B] are per-example mean token NLLs under the current and the initial model (B
+  example slots per dataset: a row's segments, steps.reward_step); valid [N, B] marks the slots
+  that hold an example with trained tokens. A dataset with no valid example gets the neutral
+  reward 1.
   MoSpec: the target dataset's reward is multiplied by `factor` (the paper doubles it).
   """
   valid = valid.astype(jnp.float32)

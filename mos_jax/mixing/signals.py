@@ -2,8 +2,10 @@
 
 Pure and unjitted like mos_jax.steps; the trainer jits `signal_step` once with shardings.
 `batches['train']` holds one train reward batch of every dataset and `batches['dev']` one dev
-batch of every dataset, each [b * N] rows, example-major (row j * N + i is example j of
-dataset i). Shapes: N datasets, b examples per dataset, L tokens, V vocab.
+batch of every dataset, each [b * N] rows, example-major (row j * N + i is row j of
+dataset i). Rows may pack several examples (segment_ids 1..k): per-example signals are per
+segment, [N, b * L] with a valid mask (steps.segments_per_dataset). Shapes: N datasets, b rows per
+dataset, L tokens, V vocab.
 """
 
 from __future__ import annotations
@@ -54,15 +56,17 @@ def gradient_mask(params, pattern: str) -> tuple[bool, ...]:
 
 
 def example_uncertainty(graphdef, params, batch, frozen=None):
-  """Per-row mean predictive entropy and mean NLL over trained tokens, from one forward (with
-  the whole [B, L, V] logits: entropy needs every token's full distribution)."""
+  """Per-example mean predictive entropy and mean NLL over trained tokens, and their valid mask,
+  each [B, L] per segment (rows may pack several examples; loss.per_segment_mean), from one
+  forward (with the whole [B, L, V] logits: entropy needs every token's full distribution)."""
   model = steps.merge(graphdef, params, frozen)
   out = model(batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'])
   logits = out.logits.astype(jnp.float32)  # [B, L, V]
   entropy = rewards.token_entropy(logits)  # [B, L]
   nll = loss_lib.token_nll(logits, batch['targets'])  # [B, L]
-  mean_entropy, valid = loss_lib.per_example_mean_nll(entropy, batch['loss_mask'])
-  mean_nll, _ = loss_lib.per_example_mean_nll(nll, batch['loss_mask'])
+  mean_entropy, valid = loss_lib.per_segment_mean(entropy, batch['segment_ids'],
+                                                  batch['loss_mask'])
+  mean_nll, _ = loss_lib.per_segment_mean(nll, batch['segment_ids'], batch['loss_mask'])
   return mean_entropy, mean_nll, valid
 
 
@@ -147,11 +151,11 @@ def signal_step(params, reference_params, batches, frozen=None, *, graphdef, num
                                  base_reference=base_reference))
   if signals & {'dev_entropy', 'dev_nll'}:
     entropy, nll, valid = example_uncertainty(graphdef, params, batches['dev'], frozen)
-    out['dev_valid'] = _per_dataset(valid, num_datasets)
+    out['dev_valid'] = steps.segments_per_dataset(valid, num_datasets)
     if 'dev_entropy' in signals:
-      out['dev_entropy'] = _per_dataset(entropy, num_datasets)
+      out['dev_entropy'] = steps.segments_per_dataset(entropy, num_datasets)
     if 'dev_nll' in signals:
-      out['dev_nll'] = _per_dataset(nll, num_datasets)
+      out['dev_nll'] = steps.segments_per_dataset(nll, num_datasets)
   if 'grad_cos' in signals:
     mask = grad_mask if grad_mask is not None else tuple(True for _ in jax.tree.leaves(params))
     out['grad_cos'] = gradient_cosines(params, batches['train'], batches['dev'], frozen,
