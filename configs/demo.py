@@ -24,8 +24,8 @@ def get_config():
   c.data.tokenizer = 'runs/demo_data/tokenizer'  # The demo's byte-level tokenizer.
   c.data.max_len = 128  # Demo examples are short.
   c.data.packing = True  # Several short examples per row (segment ids keep them apart).
-  c.data.reward_batch_size = 16  # Examples per skill for each reward (released code: 16).
-  c.data.eval_batch_size = 32  # Dev batches of 32.
+  c.data.reward_batch_size = 16  # Packed rows per skill for each reward (2 to 5 examples each).
+  c.data.eval_batch_size = 32  # Dev batches of 32 packed rows.
   for name, entry in demo.config_entries('runs/demo_data').items():
     c.data.datasets[name] = entry  # One entry per skill, sizes about 26 : 5 : 9 : 63.
 

@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # Grain worker processes per dataset pipeline (part of a run's identity).
   c.data.mix_per = 'batch'  # 'batch': one dataset per batch (Algorithm 1); 'example': per example.
   c.data.on_error = 'raise'  # Malformed records: 'raise' (name file and line) or 'skip' (counted).
-  c.data.reward_batch_size = 16  # Examples per dataset in each reward batch (COSSIM/DIFF).
+  c.data.reward_batch_size = 16  # Rows per dataset in each reward batch (examples; packed rows with data.packing).
   c.data.reward_micro_batch = 0  # Rows per forward in the reward and theta_0 passes (0 = all at once); must divide them.
   c.data.prefetch = 2  # Training batches prepared and put on the devices ahead, in a background thread (0 = inline).
   c.data.eval_batch_size = 16  # Examples per batch for dev-set evaluation.
@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer steps.
   c.train.epochs = 0.0  # > 0: steps = ceil(epochs * training rows per pass / batch_size) instead.
-  c.train.batch_size = 64  # Global batch size (examples per optimizer step, all hosts).
+  c.train.batch_size = 64  # Global batch size in rows per optimizer step, all hosts (examples unless packed).
   c.train.micro_batches = 1  # Gradient accumulation: the batch is split into this many parts.
   c.train.lr = 1e-5  # Peak AdamW learning rate.
   c.train.warmup_fraction = 0.1  # Linear warm-up over this fraction of steps, then linear decay.

@@ -29,7 +29,13 @@ PAPER_EPOCHS = 3
 # Where `python -m mos_jax.data.prepare paper --out DIR` wrote the data (relative to the working
 # directory); change it with --config.data.root=DIR.
 PAPER_DATA_ROOT = 'data/paper'
-PAPER_BATCH = 64
+PAPER_BATCH = 64  # §4.1: examples per step (and per dataset in a reward batch).
+# The recipes pack examples into 2048-token rows, so their batches count rows: Table 1's 22.3M words
+# over 103.3K examples are about 290 tokens per example with the chat template, about 7 per row, so
+# 8 rows hold about §4.1's 64 examples, and 3 epochs of rows take about the paper's 4843 steps with
+# its 100-step scorer cadence (64 rows would hold ~450 examples and give ~7x fewer steps and updates).
+# `python -m mos_jax.data.inspect` prints the examples per packed row of the prepared data.
+PAPER_PACKED_ROWS = 8
 
 
 def paper_steps(sizes=PAPER_SIZES, epochs: int = PAPER_EPOCHS, batch: int = PAPER_BATCH) -> int:
@@ -63,16 +69,16 @@ def paper_config(model: str, reward: str = 'cossim', strategy: str = 'mos',
   c.model.scan_layers = True  # One compiled layer body, scanned.
   c.data.template = spec['template']  # Base checkpoints ship no chat template: use the family's.
   c.data.max_len = 2048  # Not stated in the paper; fits most multi-turn ShareGPT conversations.
-  # 64 examples per dataset for the scorer update (§4.1 "batch size of 64"); the released code
-  # uses 16 for DIFF, e.g. --config.data.reward_batch_size=16 to match it.
-  c.data.reward_batch_size = 64
+  # About 64 examples per dataset for the scorer update (§4.1 "batch size of 64"), packed in 8 rows;
+  # the released code uses 16 examples for DIFF (--config.data.reward_batch_size=2 to match it).
+  c.data.reward_batch_size = PAPER_PACKED_ROWS
   c.data.root = PAPER_DATA_ROOT  # The prepared folder (python -m mos_jax.data.prepare paper).
-  c.data.reward_micro_batch = 16  # 256 reward rows (and theta_0 batches of 16) in forwards of 16.
+  c.data.reward_micro_batch = 16  # 32 reward rows (and theta_0 batches of 16) in forwards of 16.
   c.data.packing = True  # SFT examples are mostly far shorter than 2048 tokens: pack them.
   c.data.datasets = paper_datasets()  # MathInstruct, MedInstruct, ShareGPT, P3 (Table 1).
   c.train.epochs = PAPER_EPOCHS  # §4.1: 3 epochs; steps follow from the prepared sizes at start.
   c.train.steps = paper_steps()  # Used only with epochs=0: 3 epochs of Table 1's 103.3K at 64.
-  c.train.batch_size = PAPER_BATCH  # §4.1.
+  c.train.batch_size = PAPER_PACKED_ROWS  # Rows of ~7 packed examples: about §4.1's 64 examples.
   c.train.lr = 1e-5  # §4.1 AdamW peak learning rate.
   c.train.warmup_fraction = 0.1  # §4.1: linear schedule, warm-up over 10% of the steps.
   c.mixing.strategy = strategy  # 'mos' (Table 2) or 'mospec' (§5.5).

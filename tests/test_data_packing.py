@@ -68,6 +68,22 @@ def test_inspect_reports_the_real_token_fraction(files):
   assert 0 < fractions[False] < 0.5 < fractions[True] <= 1.0
 
 
+def test_inspect_reports_examples_per_packed_row(files):
+  for packing in (False, True):
+    config = _config(files, packing)
+    config.train.batch_size = 1
+    data = build_data(config)
+    per_row = inspect_lib.examples_per_row(data)['a']
+    rows = []  # One pass of rows, one per batch, by hand: the segments each holds.
+    while sum(rows) < data.sizes[0]:
+      rows.append(int(next(data.train)['segment_ids'].max()))
+    assert sum(rows) == data.sizes[0]
+    assert per_row == pytest.approx(data.sizes[0] / len(rows))
+    assert (per_row == 1.0) != packing
+    assert f'{per_row:.2f}' in inspect_lib.report(data, per_row={'a': per_row})
+    data.close()
+
+
 @pytest.mark.parametrize('hosts', [1, 2])
 def test_packed_full_pass_names_each_tokens_example(files, hosts):
   """The theta_0 pass: token_example_ids give every train example's tokens back, exactly once."""

@@ -4,7 +4,7 @@
 
 Per dataset: examples, tokens, mean prompt/response length, truncated and dropped counts, the
 fraction of batch positions that hold real tokens (not padding) with the run's packing/buckets
-settings, and one rendered example whose trained tokens (the loss mask) are shown between ⟦ and ⟧. Run it before
+settings, training examples per packed row (what a batch of rows holds), and one rendered example whose trained tokens (the loss mask) are shown between ⟦ and ⟧. Run it before
 spending accelerator hours; bad data fails here with the file and line.
 """
 
@@ -46,17 +46,27 @@ def real_token_fractions(bundle, batches: int = 8) -> dict[str, float]:
   return out
 
 
-def report(bundle, fractions: dict[str, float] | None = None) -> str:
-  """The table (with a 'real tok %' column when `fractions` is given) and one example per dataset."""
-  fractions = fractions or {}
-  extra = 'real tok %'.rjust(12) if fractions else ''
+def examples_per_row(bundle) -> dict[str, float]:
+  """Per dataset, training examples per row of one pass (1 unpacked; more when packed): what a
+  batch of rows holds in examples."""
+  rows = bundle.train.rows_per_epoch()
+  return {name: bundle.sizes[i] / rows[i] for i, name in enumerate(bundle.names)}
+
+
+def report(bundle, fractions: dict[str, float] | None = None,
+           per_row: dict[str, float] | None = None) -> str:
+  """The table (with 'real tok %' / 'ex/row' columns when `fractions` / `per_row` are given) and
+  one example per dataset."""
+  fractions, per_row = fractions or {}, per_row or {}
+  extra = ('real tok %'.rjust(12) if fractions else '') + ('ex/row'.rjust(8) if per_row else '')
   lines = ['dataset'.ljust(12) + ' format'.ljust(17) + ''.join(h.rjust(12) for _, h in _COLUMNS)
            + extra]
   for name in bundle.names:
     s = bundle.stats[name]
     lines.append(name.ljust(12) + ' ' + s['format'].ljust(16)
                  + ''.join(str(s[k]).rjust(12) for k, _ in _COLUMNS)
-                 + (f'{100 * fractions[name]:.1f}'.rjust(12) if name in fractions else ''))
+                 + (f'{100 * fractions[name]:.1f}'.rjust(12) if name in fractions else '')
+                 + (f'{per_row[name]:.2f}'.rjust(8) if name in per_row else ''))
   for name in bundle.names:
     ex = bundle.example(name, 0)
     lines += ['', f'--- {name}: train example 0 ({len(ex["ids"])} tokens; ⟦trained⟧) ---',
@@ -71,8 +81,9 @@ def main(argv):
   config_check.validate(config)
   config.data.num_workers = 0  # Nothing is iterated here: no worker processes.
   bundle = bundle_lib.build_data(config)
+  per_row = examples_per_row(bundle)
   fractions = real_token_fractions(bundle)
-  print(report(bundle, fractions))
+  print(report(bundle, fractions, per_row))
   bundle.close()
 
 
