@@ -12,12 +12,14 @@ which names the step and the failing file; `set_aside(step)` moves it out of the
 `checkpoints.unreadable/`, never deleted) so that an older one can be restored.
 """
 
+import json
 import os
 import re
 import shutil
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from mos_jax import errors
@@ -81,10 +83,27 @@ class Checkpointer:
     CheckpointUnreadable when its files cannot be read.
     """
     items = {'state': ocp.args.StandardRestore(abstract_state), 'meta': ocp.args.JsonRestore()}
-    if data_iterator is not None:
+    written_by = self._loader_file(step)
+    if data_iterator is not None and written_by is None:
       items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self._read(step, items)
+    if data_iterator is not None and written_by is not None:
+      # Written by another number of processes. Every process saved the same position (global
+      # rows taken per stream), so process 0's file serves any process count.
+      with open(written_by) as f:
+        data_iterator.set_state(json.load(f))
     return restored['state'], restored['meta']
+
+  def _loader_file(self, step: int) -> str | None:
+    """Process 0's loader file of `step` when this process's own is missing (the checkpoint was
+    written by another number of processes), else None."""
+    folder = os.path.join(self.directory, str(step), 'data')
+    index, count = jax.process_index(), jax.process_count()
+    if not os.path.isdir(folder) or os.path.exists(
+        os.path.join(folder, f'process_{index}-of-{count}.json')):
+      return None
+    first = sorted(f for f in os.listdir(folder) if f.startswith('process_0-of-'))
+    return os.path.join(folder, first[0]) if first else None
 
   def read_meta(self, step: int | None = None) -> dict[str, Any]:
     """The JSON metadata of `step` (default: the latest), without touching the arrays."""

@@ -588,12 +588,12 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
 
 
 def _loader_identity(config) -> dict:
-  """Settings that decide which batches the loader yields (besides the data itself)."""
+  """Settings that decide which batches the loader yields (besides the data itself). Not the
+  process count nor Grain workers: global batches are the same for any of them."""
   d = config.data
   return {'seed': config.seed, 'batch_size': config.train.batch_size,
           'reward_batch_size': d.reward_batch_size, 'max_len': d.max_len, 'packing': d.packing,
-          'buckets': list(d.buckets), 'num_workers': d.num_workers, 'mix_per': d.mix_per,
-          'process_count': jax.process_count()}
+          'buckets': list(d.buckets), 'mix_per': d.mix_per}
 
 
 def _check_batch_sizes(config, num_datasets: int, mesh):

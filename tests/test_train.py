@@ -118,7 +118,10 @@ def _resume_config(tmp_path):
                      train__async_checkpoints=True)  # Saves overlap the donated next steps.
 
 
-def test_resume_gives_identical_metrics_and_params(tmp_path):
+@pytest.mark.parametrize('saved_by', [1, 2], ids=['same-processes', 'other-process-count'])
+def test_resume_gives_identical_metrics_and_params(tmp_path, saved_by):
+  """saved_by=2: the checkpoint's loader files are those of a 2-process run (every process saves
+  the same global position), as after resizing a slice; one process resumes from them."""
   config = _resume_config(tmp_path)
   # Scorer updates at every step: the checkpoint at step 4 follows one (and the prefetcher's hold).
   config.mixing.update_every = 1
@@ -130,6 +133,13 @@ def test_resume_gives_identical_metrics_and_params(tmp_path):
   resumed = str(tmp_path / 'resumed')
   run = trainer.build(copy.deepcopy(config), resumed)
   train_crashing(run, 5)  # Dies in step 6, after the checkpoint at step 4.
+  if saved_by == 2:
+    data = os.path.join(resumed, 'checkpoints', '4', 'data')
+    state = open(os.path.join(data, 'process_0-of-1.json')).read()
+    os.remove(os.path.join(data, 'process_0-of-1.json'))
+    for p in range(2):
+      with open(os.path.join(data, f'process_{p}-of-2.json'), 'w') as f:
+        f.write(state)
   run = trainer.build(copy.deepcopy(config), resumed)
   assert run.start_step == 4
   trainer.train(run)
