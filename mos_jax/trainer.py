@@ -93,7 +93,9 @@ class Run:
       self.lock = None
 
 
-def _build_model(config, mesh, vocab_size: int):
+def build_model(config, mesh, vocab_size: int):
+  """The run's model on `mesh` (None: default device): `model.hf_checkpoint` or the preset with
+  `vocab_size` embeddings, with qwix adapters when `model.lora.rank` > 0."""
   m = config.model
   lora.check_config(config)
   options = {'dtype': m.dtype, 'param_dtype': m.param_dtype, 'remat': m.remat,
@@ -217,7 +219,7 @@ def restore_model(config, workdir: str, step: int | None = None):
     sizes = [1] * len(config.data.datasets)
     strategy = mixing.make_strategy(config.mixing, list(config.data.datasets.keys()), sizes)
     graphdef, state, state_shardings, _, frozen = _initial_state(
-        config, _build_model(config, mesh, vocab_size), sizes, mesh, strategy)
+        config, build_model(config, mesh, vocab_size), sizes, mesh, strategy)
     _check_same_base(checkpointer.read_meta(step), config, workdir)
     target = sharding.sharded_abstract(state, state_shardings)
     jax.tree.map(lambda x: x.delete(), state)
@@ -267,7 +269,7 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.
   graphdef, state, state_shardings, optimizer, frozen = _initial_state(
-      config, _build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh, strategy)
+      config, build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh, strategy)
   param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
   train_step = functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,

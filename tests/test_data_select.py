@@ -55,7 +55,7 @@ def test_ifd_equals_hand_computation(selected):
   from mos_jax.data import bundle as bundle_lib
   config, out, _ = selected
   data = bundle_lib.build_data(config)
-  model = trainer._build_model(config, None, len(data.tokenizer))  # pylint: disable=protected-access
+  model = trainer.build_model(config, None, len(data.tokenizer))
   start = data.tokenizer.bos_token_id
   start = data.tokenizer.eos_token_id if start is None else start
 

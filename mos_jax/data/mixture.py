@@ -2,9 +2,9 @@
 
 p is set from outside (the scorer) before each draw. Draws use an RNG seeded by (seed, step), so
 every host draws the same dataset at the same step; each host reads its own slice of the global
-batch, which every host plans alike (pipeline.RowPlan). Reward batches
-come from separate per-dataset streams, so the scorer's look at the data never shifts the
-training order. The whole position (rows taken from every stream, step, p) is JSON state that
+batch, which every host plans alike (pipeline.RowPlan). Reward batches come from separate
+per-dataset streams, so the scorer's look at the data never shifts the training order. The whole
+position (global rows taken from every stream, step, p) is JSON state that
 `grain.checkpoint.CheckpointSave/CheckpointRestore` write and read through Orbax.
 """
 

@@ -14,7 +14,6 @@ import grain
 import numpy as np
 import pyarrow as pa
 
-
 ROW_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids')
 _PACKING_BINS = 8  # Rows packed together before they are emitted (first-fit).
 
@@ -124,7 +123,7 @@ class RowPlan:
 class GlobalRows(grain.MapDataset):
   """One dataset's endless global row stream (RowPlan), read by random access: row g -> arrays."""
 
-  def __init__(self, source: 'ExampleSource', seed: int, max_len: int, packing: bool):
+  def __init__(self, source: ExampleSource, seed: int, max_len: int, packing: bool):
     super().__init__()
     self._source, self._packing = source, packing
     lengths = np.diff(source._offsets) - 1  # Positions per row.  # pylint: disable=protected-access

@@ -121,7 +121,7 @@ def ifd_scores(config, data, out: str, batch_size: int, progress: bool = True
   from mos_jax import distributed, reference, sharding, steps, trainer  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(config.mesh)
-  model = trainer._build_model(config, mesh, len(data.tokenizer))  # pylint: disable=protected-access
+  model = trainer.build_model(config, mesh, len(data.tokenizer))
   graphdef, param_state = nnx.split(model, nnx.Param)
   param_shardings = nnx.to_pure_dict(sharding.state_shardings(param_state, mesh))
   params = nnx.to_pure_dict(param_state)
