@@ -34,9 +34,9 @@ HF_CONFIGS = {  # One tiny model per family (GQA untied Llama, biased tied Qwen2
 }
 
 
-def _lora_config(rank=4, alpha=8.0, targets='.*/(attn|mlp)'):
+def _lora_config(rank=4, alpha=8.0, targets='.*_proj', dropout=0.0):
   c = ml_collections.ConfigDict()
-  c.rank, c.alpha, c.targets, c.dropout = rank, alpha, targets, 0.0
+  c.rank, c.alpha, c.targets, c.dropout = rank, alpha, targets, dropout
   return c
 
 
@@ -54,10 +54,10 @@ def test_trainable_count_is_the_hand_count():
   c = model.config
   for rank, targets, per_layer in [
       # q, k, v, o: A [in, r] and B [r, out] each; gate, up, down likewise.
-      (4, '.*/(attn|mlp)', lambda r, d, n, k, h, f: (
+      (4, '.*_proj', lambda r, d, n, k, h, f: (
           (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d)
           + 2 * (d * r + r * f) + (f * r + r * d))),
-      (2, '.*/attn', lambda r, d, n, k, h, f: (
+      (2, '.*/attn/.*', lambda r, d, n, k, h, f: (
           (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d))),
   ]:
     adapted = lora.add_adapters(model, _lora_config(rank, targets=targets))
@@ -70,7 +70,7 @@ def test_trainable_count_is_the_hand_count():
       nnx.state(adapted, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
   assert base == models.param_count(c)
   # Scanned layers get the same adapters, stacked on [Y].
-  stacked = lora.add_adapters(_tiny(scan_layers=True), _lora_config(2, targets='.*/attn'))
+  stacked = lora.add_adapters(_tiny(scan_layers=True), _lora_config(2, targets='.*/attn/.*'))
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(
       nnx.state(stacked, nnx.LoRAParam))) == count
 
