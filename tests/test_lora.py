@@ -309,3 +309,114 @@ def test_lora_runs_mospec_cossim_and_static(tmp_path):
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before,
                          jax.device_get(run.state.params))
     assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize('scan_layers,remat', [(False, 'none'), (True, 'full')])
+def test_lora_dropout_drops_the_adapter_input_at_rate_p(scan_layers, remat, monkeypatch):
+  """Every adapted einsum (7 per layer) draws its own mask at rate p from the step's key (scanned
+  layers too, under remat with gradients); kept inputs are scaled by 1 / (1 - p); without a key
+  nothing is dropped (the trainer test below checks eval against a dropout-free run)."""
+  p = 0.3
+  masks = []
+  real_call = nnx.Dropout.__call__
+
+  def recording_call(self, x, *args, **kwargs):  # Records (input != 0, output) of each mask.
+    out = real_call(self, x, *args, **kwargs)
+    jax.debug.callback(lambda a, b, r=self.rate: masks.append((np.asarray(a), np.asarray(b), r)),
+                       x, out)
+    return out
+
+  monkeypatch.setattr(nnx.Dropout, '__call__', recording_call)
+  model = models.init_model(models.get_preset('tiny', vocab_size=64, scan_layers=scan_layers,
+                                              remat=remat), seed=0)
+  adapted = lora.add_adapters(model, _lora_config(dropout=p))
+  _random_adapters(adapted, 3)
+  graphdef, params, frozen = nnx.split(adapted, nnx.LoRAParam, ...)
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  tokens = np.random.default_rng(0).integers(1, 64, (4, 32))
+  batch = {'tokens': jnp.asarray(tokens), 'targets': jnp.asarray(np.roll(tokens, -1, 1)),
+           'positions': jnp.broadcast_to(jnp.arange(32), (4, 32)),
+           'segment_ids': jnp.ones((4, 32), jnp.int32), 'loss_mask': jnp.ones((4, 32))}
+  nll = jax.jit(lambda p_, key: steps._forward_nll(graphdef, p_, batch, frozen, key)[0].sum())  # pylint: disable=protected-access
+
+  deterministic = float(nll(params, None))
+  assert masks == []  # No key: qwix's dropout is never called.
+  key = steps.dropout_key(0, 5)
+  dropped = float(nll(params, key))
+  if remat != 'none':  # Through the scan and remat's recomputation, as in training.
+    jax.grad(nll)(params, key)
+  jax.effects_barrier()
+  assert dropped != deterministic
+  forward = masks[:model.config.num_layers * 7]
+  assert len(forward) == model.config.num_layers * 7
+  rates = []
+  for x, out, rate in forward:
+    assert rate == p
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], x[kept] / (1 - p), rtol=1e-6)
+    rates.append(1 - kept[x != 0].mean())
+  assert abs(np.mean(rates) - p) < 0.02, rates  # ~50K inputs per mask: p to about 0.005.
+  assert all(abs(r - p) < 0.06 for r in rates), rates
+  # Different layers and projections draw different masks; the same key draws the same ones.
+  patterns = {(m[1] != 0).tobytes() for m in forward}
+  assert len(patterns) == len(forward)
+  # The gradient's forward (and remat's recomputation) draws the very same masks.
+  assert {(m[1] != 0).tobytes() for m in masks} == patterns
+  masks.clear()
+  assert float(nll(params, key)) == dropped
+  assert float(nll(params, steps.dropout_key(0, 6))) != dropped
+
+
+def test_lora_dropout_run_trains_differently_evaluates_deterministically_resumes_exactly(tmp_path):
+  """dropout 0.5 vs 0 (micro-batches, scanned layers): the same losses while B = 0, different
+  ones after; eval and reward outputs of one set of
+  adapters are the same in both runs; a run killed in step 5 and resumed from step 3 ends equal
+  to an uninterrupted one."""
+  def config_for(dropout):
+    config = _lora_run_config(tmp_path, train__steps=6, train__checkpoint_every=3,
+                              train__log_every=1, train__eval_every=3, train__eval_batches=1,
+                              train__micro_batches=2)
+    config.mixing.update_every = 2
+    config.model.lora.dropout = dropout
+    return config
+
+  runs, lines = {}, {}
+  read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
+                    for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+  for dropout in (0.0, 0.5):
+    runs[dropout] = trainer.build(config_for(dropout), str(tmp_path / f'p{dropout}'))
+    if not dropout:  # One batch from every dataset, for the reward and eval forwards below.
+      batch = trainer._stack_reward_batches(runs[dropout].data.train.reward_batches(),
+                                            runs[dropout].data.names)
+    trainer.train(runs[dropout])
+    lines[dropout] = [r for r in read(str(tmp_path / f'p{dropout}')) if 'train/loss' in r]
+  assert lines[0.0][0]['train/loss'] == lines[0.5][0]['train/loss']
+  # Warm-up starts at lr 0, so B is still 0 in step 2 as well: the dropped input meets a zero
+  # adapter and the losses agree; from step 3 on the masks matter.
+  assert [r['train/loss'] for r in lines[0.0][:2]] == [r['train/loss'] for r in lines[0.5][:2]]
+  assert all(a['train/loss'] != b['train/loss'] for a, b in zip(lines[0.0][2:], lines[0.5][2:]))
+
+  params = runs[0.5].state.params  # Trained with dropout: B is non-zero.
+  plain, dropped = runs[0.0], runs[0.5]
+  with jax.set_mesh(plain.mesh):
+    batch = trainer.distributed.host_local_to_global(batch, plain.mesh)
+    outs = [jax.device_get(r.reward_fn(params, {'train': batch})) for r in (plain, dropped)]
+    evals = [jax.device_get(r.eval_fn(params, batch)) for r in (plain, dropped)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(evals[0], evals[1])
+  assert np.abs(np.asarray(outs[0]['nll']) - np.asarray(outs[0]['nll0'])).max() > 0
+  final_straight = jax.tree.leaves(jax.device_get(dropped.state))
+  for run in runs.values():
+    run.data.close()
+    run.checkpointer.close()
+
+  resumed = str(tmp_path / 'resumed')
+  run = trainer.build(config_for(0.5), resumed)
+  train_crashing(run, 4)  # Dies in step 5, after the checkpoint at step 3.
+  run = trainer.build(config_for(0.5), resumed)
+  assert run.start_step == 3
+  trainer.train(run)
+  for a, b in zip(final_straight, jax.tree.leaves(jax.device_get(run.state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert read(str(tmp_path / 'p0.5')) == read(resumed)

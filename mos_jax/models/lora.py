@@ -112,8 +112,8 @@ class _Provider(qwix.LoraProvider):
 
   qwix matches rules by module path, and q, k, v and o share the attention module: a projection
   that is not targeted goes through qwix's PTQ einsum only (quantized with the rest of the base,
-  no adapter). qwix draws dropout masks from its module's `qwix_rngs`; a forward without them is
-  deterministic here instead of an error.
+  no adapter). qwix draws dropout masks from its module's `qwix_rngs`; a forward without a
+  'dropout' stream there is deterministic here instead of an error.
   """
 
   def __init__(self, rule: qwix.LoraRule, targeted: frozenset):
@@ -131,9 +131,12 @@ class _Provider(qwix.LoraProvider):
 
   def _get_current_rule_and_op_id(self, op_name, **kwargs):
     rule, op_id = super()._get_current_rule_and_op_id(op_name, **kwargs)
-    if (isinstance(rule, qwix.LoraRule) and rule.dropout
-        and getattr(flax_util.get_current_module(), 'qwix_rngs', None) is None):
-      rule = dataclasses.replace(rule, dropout=0.0)
+    if isinstance(rule, qwix.LoraRule) and rule.dropout:
+      # Only a `with_dropout` stream turns it on: the Rngs qwix holds while creating adapters
+      # must not be drawn from (the adapters' initial values would depend on the rate).
+      rngs = getattr(flax_util.get_current_module(), 'qwix_rngs', None)
+      if rngs is None or 'dropout' not in rngs:
+        rule = dataclasses.replace(rule, dropout=0.0)
     return rule, op_id
 
 
