@@ -420,3 +420,97 @@ def test_lora_dropout_run_trains_differently_evaluates_deterministically_resumes
   for a, b in zip(final_straight, jax.tree.leaves(jax.device_get(run.state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert read(str(tmp_path / 'p0.5')) == read(resumed)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_targets_select_single_projections_and_peft_loads_them(scan_layers, tmp_path):
+  """targets='.*/(q|v)_proj' (PEFT's usual choice): adapters on q and v only, the hand count of
+  trainable parameters, target_modules ['q_proj', 'v_proj'], and PEFT's logits equal ours."""
+  import peft
+  torch.manual_seed(0)
+  base_torch = transformers.AutoModelForCausalLM.from_config(
+      HF_CONFIGS['llama'](), dtype=torch.float32, attn_implementation='eager').eval()
+  base_torch.save_pretrained(tmp_path / 'base')
+  lc = _lora_config(4, 8.0, targets='.*/(q|v)_proj')
+  ours = lora.add_adapters(models.load_hf(tmp_path / 'base', scan_layers=scan_layers), lc, seed=1)
+  c = ours.config
+  assert sorted({name for _, name, _ in lora.adapter_pairs(ours)}) == ['q_proj', 'v_proj']
+  r, d, n, k, h = 4, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+  hand = c.num_layers * ((d * r + r * n * h) + (d * r + r * k * h))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.LoRAParam))) == hand
+  _random_adapters(ours, 2)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
+  want = _logits(ours, tokens)
+  lora.save_peft(ours, lc, str(tmp_path / 'adapter'))
+  saved = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert saved['target_modules'] == ['q_proj', 'v_proj']
+  with torch.no_grad():
+    peft_model = peft.PeftModel.from_pretrained(base_torch, tmp_path / 'adapter').eval()
+    got = peft_model(torch.as_tensor(tokens)).logits.numpy()
+    adapted = sorted(name for name, m in peft_model.named_modules() if hasattr(m, 'lora_A')
+                     and len(m.lora_A))
+  assert adapted == sorted(f'base_model.model.model.layers.{i}.self_attn.{p}'
+                           for i in range(c.num_layers) for p in ('q_proj', 'v_proj'))
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+  models.save_hf(lora.merged_model(ours, lc), tmp_path / 'merged')
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'merged', dtype=torch.float32, attn_implementation='eager').eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(merged(torch.as_tensor(tokens)).logits.numpy(), want, atol=2e-4,
+                               rtol=2e-4)
+
+
+def test_per_layer_targets_export_exact_modules_and_bad_targets_are_refused(tmp_path):
+  """Unscanned layers may adapt one layer only: PEFT's target_modules then name the modules in
+  full, and PEFT adapts exactly those. A regex matching nothing, or a subset of layers with
+  scanned layers, is refused naming model.lora.targets."""
+  import peft
+  torch.manual_seed(0)
+  base_torch = transformers.AutoModelForCausalLM.from_config(
+      HF_CONFIGS['qwen2'](), dtype=torch.float32, attn_implementation='eager').eval()
+  base_torch.save_pretrained(tmp_path / 'base')
+  lc = _lora_config(2, 4.0, targets='layers/1/(attn/o_proj|mlp/.*)')
+  ours = lora.add_adapters(models.load_hf(tmp_path / 'base', scan_layers=False), lc, seed=1)
+  assert sorted((p, name) for p, name, _ in lora.adapter_pairs(ours)) == [
+      (('layers', 1, 'attn'), 'o_proj'), (('layers', 1, 'mlp'), 'down_proj'),
+      (('layers', 1, 'mlp'), 'gate_proj'), (('layers', 1, 'mlp'), 'up_proj')]
+  _random_adapters(ours, 2)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
+  lora.save_peft(ours, lc, str(tmp_path / 'adapter'))
+  saved = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert saved['target_modules'] == ['model.layers.1.mlp.down_proj', 'model.layers.1.mlp.gate_proj',
+                                     'model.layers.1.mlp.up_proj', 'model.layers.1.self_attn.o_proj']
+  with torch.no_grad():
+    peft_model = peft.PeftModel.from_pretrained(base_torch, tmp_path / 'adapter').eval()
+    got = peft_model(torch.as_tensor(tokens)).logits.numpy()
+    adapted = [name for name, m in peft_model.named_modules() if hasattr(m, 'lora_A')
+               and len(m.lora_A)]
+  assert len(adapted) == 4
+  np.testing.assert_allclose(got, _logits(ours, tokens), atol=2e-4, rtol=2e-4)
+
+  with pytest.raises(ValueError, match=r"model.lora.targets='.\*/qproj' matches no projection.*"
+                                       r"layers/0/attn/q_proj"):
+    lora.add_adapters(_tiny(), _lora_config(targets='.*/qproj'))
+  with pytest.raises(ValueError, match='model.lora.targets.*scan_layers'):
+    lora.add_adapters(_tiny(scan_layers=True), _lora_config(targets='layers/1/.*'))
+  config = demo_config(tmp_path)
+  config.model.lora.rank, config.model.lora.targets = 4, '(q_proj'
+  with pytest.raises(ValueError, match='model.lora.targets'):
+    lora.check_config(config)
+
+
+def test_qlora_quantizes_every_projection_whatever_the_targets(qlora_base):
+  """QLoRA with adapters on q and v only still stores the whole base quantized (k, o and the MLP
+  too), scanned and unscanned alike: zero adapters give the all-targets model's logits."""
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+  lc = _lora_config(targets='.*/(q|v)_proj')
+  want = _logits(lora.add_adapters(models.load_hf(qlora_base, scan_layers=False), _lora_config(),
+                                   'int8'), tokens)
+  for scan_layers in (False, True):
+    adapted = lora.add_adapters(models.load_hf(qlora_base, scan_layers=scan_layers), lc, 'int8')
+    np.testing.assert_allclose(_logits(adapted, tokens), want, atol=1e-5, rtol=1e-5)
+    frozen = nnx.to_pure_dict(nnx.split(adapted, nnx.LoRAParam, ...)[2])['layers']
+    layer = frozen if scan_layers else frozen[0]
+    for module, name in (('attn', 'k_proj'), ('attn', 'o_proj'), ('mlp', 'down_proj')):
+      assert str(layer[module][name]['array']['qvalue'].dtype) == 'int8'
+    assert sorted({name for _, name, _ in lora.adapter_pairs(adapted)}) == ['q_proj', 'v_proj']
