@@ -514,3 +514,54 @@ def test_qlora_quantizes_every_projection_whatever_the_targets(qlora_base):
     for module, name in (('attn', 'k_proj'), ('attn', 'o_proj'), ('mlp', 'down_proj')):
       assert str(layer[module][name]['array']['qvalue'].dtype) == 'int8'
     assert sorted({name for _, name, _ in lora.adapter_pairs(adapted)}) == ['q_proj', 'v_proj']
+
+
+def test_lora_run_generates_the_tokens_of_its_merged_export(tmp_path):
+  """A trained LoRA run (dropout on in training, adapters on some projections only) generates,
+  through qwix and the KV cache, the greedy tokens of its merged model and of transformers'
+  generate on the exported merged folder; the adapters change what the base would say."""
+  from mos_jax import export, generation, inference
+  config = _lora_run_config(tmp_path, train__steps=6, train__checkpoint_every=6,
+                            train__log_every=3, train__eval_every=0, train__eval_batches=1)
+  config.train.lr = 0.05  # Adapters far enough from zero to change greedy tokens.
+  config.model.lora.dropout = 0.1
+  config.model.lora.targets = '.*/(q|v|o|down)_proj'
+  workdir = str(tmp_path / 'run')
+  trainer.train(trainer.build(copy.deepcopy(config), workdir))
+  loaded = inference.load(copy.deepcopy(config), workdir)
+  gen = inference.generator(loaded)
+  ids = [loaded.tokenizer(gen.chat_prompt([{'role': 'user', 'content': t}]),
+                          add_special_tokens=False)['input_ids']
+         for t in ('What is 12+7?', 'Name the capital of Kalomi.')]
+  greedy = lambda model: generation.Generator(model, loaded.tokenizer, stop_ids=[]).generate_ids(
+      ids, 12)
+  ours = greedy(loaded.model)
+  assert greedy(lora.merged_model(loaded.model, config.model.lora)) == ours
+  base = inference.load(copy.deepcopy(config)).model  # The same base, no adapters.
+  assert greedy(base) != ours
+
+  export.export(copy.deepcopy(config), workdir, str(tmp_path / 'hf'))
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32)
+  for prompt_ids, got in zip(ids, ours):
+    with torch.no_grad():
+      ref = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=12,
+                           min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert got == ref[0, len(prompt_ids):].tolist()
+
+
+def test_qlora_generates_with_the_kv_cache(qlora_base):
+  """QLoRA decoding (quantized o_proj in the cache path too) gives the greedy tokens of the
+  whole sequence recomputed through the merged (dequantized + adapters) model."""
+  import types
+  from mos_jax import generation
+  lc = _lora_config()
+  adapted = lora.add_adapters(models.load_hf(qlora_base, scan_layers=True), lc, 'int8')
+  _random_adapters(adapted, 4)
+  stub = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
+  got = generation.Generator(adapted, stub, stop_ids=[]).generate_ids([[5, 17, 33, 2], [44, 3]], 8)
+  merged = lora.merged_model(adapted, lc)
+  for prompt, out in zip([[5, 17, 33, 2], [44, 3]], got):
+    buf = list(prompt)
+    for _ in range(8):
+      buf.append(int(np.argmax(_logits(merged, np.asarray([buf]))[0, -1])))
+    assert out == buf[len(prompt):]
