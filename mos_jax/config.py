@@ -26,8 +26,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0  # LoRA rank through qwix (0 = off: full fine-tuning); adapters train, the base stays frozen.
   c.model.lora.alpha = 16.0  # LoRA scale numerator: the adapter output is multiplied by alpha / rank.
-  c.model.lora.targets = '.*/(attn|mlp)'  # Regex (qwix module_path, full match) over module paths like 'layers/3/attn': their projections get adapters.
-  c.model.lora.dropout = 0.0  # Dropout on the adapters' input (only 0 is supported so far).
+  c.model.lora.targets = '.*_proj'  # Regex (full match) over parameter paths 'layers/<i>/attn/{q,k,v,o}_proj', 'layers/<i>/mlp/{gate,up,down}_proj': the matched projections get adapters (e.g. '.*/[qv]_proj': q and v only).
+  c.model.lora.dropout = 0.0  # Dropout rate on the adapters' input in training forwards (masks from (seed, step)); eval, rewards, generation and export are deterministic.
 
   c.data = ml_collections.ConfigDict()
   c.data.tokenizer = ''  # Local tokenizer folder; '' = the model.hf_checkpoint folder.

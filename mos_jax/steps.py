@@ -16,6 +16,7 @@ from flax import nnx
 
 from mos_jax import loss as loss_lib
 from mos_jax.mixing import rewards
+from mos_jax.models import lora
 
 
 @flax.struct.dataclass
@@ -57,10 +58,19 @@ def merge(graphdef, params, frozen=None):
   return nnx.merge(graphdef, params, frozen) if frozen else nnx.merge(graphdef, params)
 
 
-def _forward_nll(graphdef, params, batch, frozen=None):
+def dropout_key(seed: int, step, micro=0):
+  """The LoRA dropout key of optimizer step `step` (micro-batch `micro`): from (seed, step) only,
+  so a resumed run draws the masks an uninterrupted one draws."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro)
+
+
+def _forward_nll(graphdef, params, batch, frozen=None, dropout=None):
   """Per-token NLL [B, L] fp32 and final hidden states [B, L, D], through the chunked LM head
-  (no [B, L, V] logits; the model's loss_chunk sets the chunk)."""
+  (no [B, L, V] logits; the model's loss_chunk sets the chunk). `dropout`: a key turns LoRA
+  dropout on (training only); None = deterministic."""
   model = merge(graphdef, params, frozen)
+  if dropout is not None:
+    model = lora.with_dropout(model, dropout)
   hidden = model.hidden_states(model.embed_tokens(batch['tokens']), positions=batch['positions'],
                                segment_ids=batch['segment_ids'])
   weight, vocab_first = model.head_weight()
@@ -69,9 +79,9 @@ def _forward_nll(graphdef, params, batch, frozen=None):
   return nll, hidden
 
 
-def _sum_loss(params, graphdef, batch, num_datasets, frozen=None):
+def _sum_loss(params, graphdef, batch, num_datasets, frozen=None, dropout=None):
   """Sum of masked token NLL (differentiated in `params` only), and per-dataset sums."""
-  nll, _ = _forward_nll(graphdef, params, batch, frozen)  # [B, L]
+  nll, _ = _forward_nll(graphdef, params, batch, frozen, dropout)  # [B, L]
   row_nll, row_tokens = loss_lib.masked_sums(nll, batch['loss_mask'])  # [B], [B]
   aux = {
       'tokens': row_tokens.sum(),
@@ -82,18 +92,22 @@ def _sum_loss(params, graphdef, batch, num_datasets, frozen=None):
 
 
 def train_step(state: TrainState, batch, frozen=None, *, graphdef, optimizer, num_datasets: int,
-               micro_batches: int = 1):
+               micro_batches: int = 1, dropout_seed: int | None = None):
   """One optimizer step on a token-weighted mean loss, accumulated over micro-batches.
 
   `frozen`: the LoRA base (pure dict, not differentiated, not updated); None without LoRA.
+  `dropout_seed`: LoRA dropout on, its masks drawn from `dropout_key(seed, step, micro-batch)`;
+  None (no dropout) traces no RNG at all.
 
   Gradients of the NLL *sum* are accumulated and divided by the batch's trained-token count once,
   so the update equals the full-batch one whatever `micro_batches` is.
   """
   grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
 
+  key = lambda micro: None if dropout_seed is None else dropout_key(dropout_seed, state.step,
+                                                                    micro)
   if micro_batches == 1:
-    (nll_sum, aux), grads = grad_fn(state.params, graphdef, batch, num_datasets, frozen)
+    (nll_sum, aux), grads = grad_fn(state.params, graphdef, batch, num_datasets, frozen, key(0))
   else:
     # Micro-batch i takes rows i, i + M, ...: with rows sharded in contiguous blocks over the
     # devices, every micro-batch stays spread evenly over all of them.
@@ -103,14 +117,16 @@ def train_step(state: TrainState, batch, frozen=None, *, graphdef, optimizer, nu
 
     f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
-    def accumulate(carry, micro):
-      out = grad_fn(state.params, graphdef, micro, num_datasets, frozen)
+    def accumulate(carry, xs):
+      micro, i = xs
+      out = grad_fn(state.params, graphdef, micro, num_datasets, frozen, key(i))
       return jax.tree.map(jnp.add, carry, f32(out)), None  # Sums in fp32, even for bf16 params.
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), jax.eval_shape(
         lambda: grad_fn(state.params, graphdef, jax.tree.map(lambda x: x[0], split), num_datasets,
-                        frozen)))
-    ((nll_sum, aux), grads), _ = jax.lax.scan(accumulate, zeros, split)
+                        frozen, key(0))))
+    ((nll_sum, aux), grads), _ = jax.lax.scan(accumulate, zeros,
+                                              (split, jnp.arange(micro_batches)))
 
   tokens = jnp.maximum(aux['tokens'], 1.0)
   loss = nll_sum / tokens

@@ -272,8 +272,12 @@ def _build(config, workdir: str, is_main: bool) -> Run:
       config, build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh, strategy)
   param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
+  # LoRA dropout (training forwards only) draws its masks from (seed, step).
+  dropout_seed = (config.seed if lora.enabled(config.model) and config.model.lora.dropout > 0
+                  else None)
   train_step = functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
-                                 num_datasets=num_datasets, micro_batches=config.train.micro_batches)
+                                 num_datasets=num_datasets, micro_batches=config.train.micro_batches,
+                                 dropout_seed=dropout_seed)
 
   def train_and_mix(state, batch, frozen):  # The strategy's per-step hook runs inside the same jit.
     state, metrics = train_step(state, batch, frozen)

@@ -34,9 +34,9 @@ HF_CONFIGS = {  # One tiny model per family (GQA untied Llama, biased tied Qwen2
 }
 
 
-def _lora_config(rank=4, alpha=8.0, targets='.*/(attn|mlp)'):
+def _lora_config(rank=4, alpha=8.0, targets='.*_proj', dropout=0.0):
   c = ml_collections.ConfigDict()
-  c.rank, c.alpha, c.targets, c.dropout = rank, alpha, targets, 0.0
+  c.rank, c.alpha, c.targets, c.dropout = rank, alpha, targets, dropout
   return c
 
 
@@ -54,10 +54,10 @@ def test_trainable_count_is_the_hand_count():
   c = model.config
   for rank, targets, per_layer in [
       # q, k, v, o: A [in, r] and B [r, out] each; gate, up, down likewise.
-      (4, '.*/(attn|mlp)', lambda r, d, n, k, h, f: (
+      (4, '.*_proj', lambda r, d, n, k, h, f: (
           (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d)
           + 2 * (d * r + r * f) + (f * r + r * d))),
-      (2, '.*/attn', lambda r, d, n, k, h, f: (
+      (2, '.*/attn/.*', lambda r, d, n, k, h, f: (
           (d * r + r * n * h) + 2 * (d * r + r * k * h) + (n * h * r + r * d))),
   ]:
     adapted = lora.add_adapters(model, _lora_config(rank, targets=targets))
@@ -70,7 +70,7 @@ def test_trainable_count_is_the_hand_count():
       nnx.state(adapted, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
   assert base == models.param_count(c)
   # Scanned layers get the same adapters, stacked on [Y].
-  stacked = lora.add_adapters(_tiny(scan_layers=True), _lora_config(2, targets='.*/attn'))
+  stacked = lora.add_adapters(_tiny(scan_layers=True), _lora_config(2, targets='.*/attn/.*'))
   assert sum(math.prod(x.shape) for x in jax.tree.leaves(
       nnx.state(stacked, nnx.LoRAParam))) == count
 
@@ -274,6 +274,7 @@ def test_sharded_qlora_matches_one_device(tmp_path):
   config = _lora_run_config(tmp_path, train__steps=3, train__log_every=1, train__eval_every=0,
                             train__eval_batches=1)
   config.model.quantize = 'nf4'
+  config.model.lora.dropout = 0.1  # The masks of sharded activations are the one-device masks.
   config.mixing.update_every = 1
   trainer.train(trainer.build(copy.deepcopy(config), str(tmp_path / 'one')))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
@@ -309,3 +310,304 @@ def test_lora_runs_mospec_cossim_and_static(tmp_path):
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before,
                          jax.device_get(run.state.params))
     assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize('scan_layers,remat', [(False, 'none'), (True, 'full')])
+def test_lora_dropout_drops_the_adapter_input_at_rate_p(scan_layers, remat, monkeypatch):
+  """Every adapted einsum (7 per layer) draws its own mask at rate p from the step's key (scanned
+  layers too, under remat with gradients); kept inputs are scaled by 1 / (1 - p); without a key
+  nothing is dropped (the trainer test below checks eval against a dropout-free run)."""
+  p = 0.3
+  masks = []
+  real_call = nnx.Dropout.__call__
+
+  def recording_call(self, x, *args, **kwargs):  # Records (input != 0, output) of each mask.
+    out = real_call(self, x, *args, **kwargs)
+    jax.debug.callback(lambda a, b, r=self.rate: masks.append((np.asarray(a), np.asarray(b), r)),
+                       x, out)
+    return out
+
+  monkeypatch.setattr(nnx.Dropout, '__call__', recording_call)
+  model = models.init_model(models.get_preset('tiny', vocab_size=64, scan_layers=scan_layers,
+                                              remat=remat), seed=0)
+  adapted = lora.add_adapters(model, _lora_config(dropout=p))
+  _random_adapters(adapted, 3)
+  graphdef, params, frozen = nnx.split(adapted, nnx.LoRAParam, ...)
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  tokens = np.random.default_rng(0).integers(1, 64, (4, 32))
+  batch = {'tokens': jnp.asarray(tokens), 'targets': jnp.asarray(np.roll(tokens, -1, 1)),
+           'positions': jnp.broadcast_to(jnp.arange(32), (4, 32)),
+           'segment_ids': jnp.ones((4, 32), jnp.int32), 'loss_mask': jnp.ones((4, 32))}
+  nll = jax.jit(lambda p_, key: steps._forward_nll(graphdef, p_, batch, frozen, key)[0].sum())  # pylint: disable=protected-access
+
+  deterministic = float(nll(params, None))
+  assert masks == []  # No key: qwix's dropout is never called.
+  key = steps.dropout_key(0, 5)
+  dropped = float(nll(params, key))
+  if remat != 'none':  # Through the scan and remat's recomputation, as in training.
+    jax.grad(nll)(params, key)
+  jax.effects_barrier()
+  assert dropped != deterministic
+  forward = masks[:model.config.num_layers * 7]
+  assert len(forward) == model.config.num_layers * 7
+  rates = []
+  for x, out, rate in forward:
+    assert rate == p
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], x[kept] / (1 - p), rtol=1e-6)
+    rates.append(1 - kept[x != 0].mean())
+  assert abs(np.mean(rates) - p) < 0.02, rates  # ~50K inputs per mask: p to about 0.005.
+  assert all(abs(r - p) < 0.06 for r in rates), rates
+  # Different layers and projections draw different masks; the same key draws the same ones.
+  patterns = {(m[1] != 0).tobytes() for m in forward}
+  assert len(patterns) == len(forward)
+  # The gradient's forward (and remat's recomputation) draws the very same masks.
+  assert {(m[1] != 0).tobytes() for m in masks} == patterns
+  masks.clear()
+  assert float(nll(params, key)) == dropped
+  assert float(nll(params, steps.dropout_key(0, 6))) != dropped
+
+
+def test_lora_dropout_run_trains_differently_evaluates_deterministically_resumes_exactly(tmp_path):
+  """dropout 0.5 vs 0 (micro-batches, scanned layers): the same losses while B = 0, different
+  ones after; eval and reward outputs of one set of
+  adapters are the same in both runs; a run killed in step 5 and resumed from step 3 ends equal
+  to an uninterrupted one."""
+  def config_for(dropout):
+    config = _lora_run_config(tmp_path, train__steps=6, train__checkpoint_every=3,
+                              train__log_every=1, train__eval_every=3, train__eval_batches=1,
+                              train__micro_batches=2)
+    config.mixing.update_every = 2
+    config.model.lora.dropout = dropout
+    return config
+
+  runs, lines = {}, {}
+  read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
+                    for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+  for dropout in (0.0, 0.5):
+    runs[dropout] = trainer.build(config_for(dropout), str(tmp_path / f'p{dropout}'))
+    if not dropout:  # One batch from every dataset, for the reward and eval forwards below.
+      batch = trainer._stack_reward_batches(runs[dropout].data.train.reward_batches(),
+                                            runs[dropout].data.names)
+    trainer.train(runs[dropout])
+    lines[dropout] = [r for r in read(str(tmp_path / f'p{dropout}')) if 'train/loss' in r]
+  assert lines[0.0][0]['train/loss'] == lines[0.5][0]['train/loss']
+  # Warm-up starts at lr 0, so B is still 0 in step 2 as well: the dropped input meets a zero
+  # adapter and the losses agree; from step 3 on the masks matter.
+  assert [r['train/loss'] for r in lines[0.0][:2]] == [r['train/loss'] for r in lines[0.5][:2]]
+  assert all(a['train/loss'] != b['train/loss'] for a, b in zip(lines[0.0][2:], lines[0.5][2:]))
+
+  params = runs[0.5].state.params  # Trained with dropout: B is non-zero.
+  plain, dropped = runs[0.0], runs[0.5]
+  with jax.set_mesh(plain.mesh):
+    batch = trainer.distributed.host_local_to_global(batch, plain.mesh)
+    outs = [jax.device_get(r.reward_fn(params, {'train': batch})) for r in (plain, dropped)]
+    evals = [jax.device_get(r.eval_fn(params, batch)) for r in (plain, dropped)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(evals[0], evals[1])
+  assert np.abs(np.asarray(outs[0]['nll']) - np.asarray(outs[0]['nll0'])).max() > 0
+  final_straight = jax.tree.leaves(jax.device_get(dropped.state))
+  for run in runs.values():
+    run.data.close()
+    run.checkpointer.close()
+
+  resumed = str(tmp_path / 'resumed')
+  run = trainer.build(config_for(0.5), resumed)
+  train_crashing(run, 4)  # Dies in step 5, after the checkpoint at step 3.
+  run = trainer.build(config_for(0.5), resumed)
+  assert run.start_step == 3
+  trainer.train(run)
+  for a, b in zip(final_straight, jax.tree.leaves(jax.device_get(run.state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert read(str(tmp_path / 'p0.5')) == read(resumed)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_targets_select_single_projections_and_peft_loads_them(scan_layers, tmp_path):
+  """targets='.*/(q|v)_proj' (PEFT's usual choice): adapters on q and v only, the hand count of
+  trainable parameters, target_modules ['q_proj', 'v_proj'], and PEFT's logits equal ours."""
+  import peft
+  torch.manual_seed(0)
+  base_torch = transformers.AutoModelForCausalLM.from_config(
+      HF_CONFIGS['llama'](), dtype=torch.float32, attn_implementation='eager').eval()
+  base_torch.save_pretrained(tmp_path / 'base')
+  lc = _lora_config(4, 8.0, targets='.*/(q|v)_proj')
+  ours = lora.add_adapters(models.load_hf(tmp_path / 'base', scan_layers=scan_layers), lc, seed=1)
+  c = ours.config
+  assert sorted({name for _, name, _ in lora.adapter_pairs(ours)}) == ['q_proj', 'v_proj']
+  r, d, n, k, h = 4, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+  hand = c.num_layers * ((d * r + r * n * h) + (d * r + r * k * h))
+  assert sum(x.size for x in jax.tree.leaves(nnx.state(ours, nnx.LoRAParam))) == hand
+  _random_adapters(ours, 2)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
+  want = _logits(ours, tokens)
+  lora.save_peft(ours, lc, str(tmp_path / 'adapter'))
+  saved = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert saved['target_modules'] == ['q_proj', 'v_proj']
+  with torch.no_grad():
+    peft_model = peft.PeftModel.from_pretrained(base_torch, tmp_path / 'adapter').eval()
+    got = peft_model(torch.as_tensor(tokens)).logits.numpy()
+    adapted = sorted(name for name, m in peft_model.named_modules() if hasattr(m, 'lora_A')
+                     and len(m.lora_A))
+  assert adapted == sorted(f'base_model.model.model.layers.{i}.self_attn.{p}'
+                           for i in range(c.num_layers) for p in ('q_proj', 'v_proj'))
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)
+  models.save_hf(lora.merged_model(ours, lc), tmp_path / 'merged')
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / 'merged', dtype=torch.float32, attn_implementation='eager').eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(merged(torch.as_tensor(tokens)).logits.numpy(), want, atol=2e-4,
+                               rtol=2e-4)
+
+
+def test_per_layer_targets_export_exact_modules_and_bad_targets_are_refused(tmp_path):
+  """Unscanned layers may adapt one layer only: PEFT's target_modules then name the modules in
+  full, and PEFT adapts exactly those. A regex matching nothing, or a subset of layers with
+  scanned layers, is refused naming model.lora.targets."""
+  import peft
+  torch.manual_seed(0)
+  base_torch = transformers.AutoModelForCausalLM.from_config(
+      HF_CONFIGS['qwen2'](), dtype=torch.float32, attn_implementation='eager').eval()
+  base_torch.save_pretrained(tmp_path / 'base')
+  lc = _lora_config(2, 4.0, targets='layers/1/(attn/o_proj|mlp/.*)')
+  ours = lora.add_adapters(models.load_hf(tmp_path / 'base', scan_layers=False), lc, seed=1)
+  assert sorted((p, name) for p, name, _ in lora.adapter_pairs(ours)) == [
+      (('layers', 1, 'attn'), 'o_proj'), (('layers', 1, 'mlp'), 'down_proj'),
+      (('layers', 1, 'mlp'), 'gate_proj'), (('layers', 1, 'mlp'), 'up_proj')]
+  _random_adapters(ours, 2)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 10))
+  lora.save_peft(ours, lc, str(tmp_path / 'adapter'))
+  saved = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert saved['target_modules'] == ['model.layers.1.mlp.down_proj', 'model.layers.1.mlp.gate_proj',
+                                     'model.layers.1.mlp.up_proj', 'model.layers.1.self_attn.o_proj']
+  with torch.no_grad():
+    peft_model = peft.PeftModel.from_pretrained(base_torch, tmp_path / 'adapter').eval()
+    got = peft_model(torch.as_tensor(tokens)).logits.numpy()
+    adapted = [name for name, m in peft_model.named_modules() if hasattr(m, 'lora_A')
+               and len(m.lora_A)]
+  assert len(adapted) == 4
+  np.testing.assert_allclose(got, _logits(ours, tokens), atol=2e-4, rtol=2e-4)
+
+  with pytest.raises(ValueError, match=r"model.lora.targets='.\*/qproj' matches no projection.*"
+                                       r"layers/0/attn/q_proj"):
+    lora.add_adapters(_tiny(), _lora_config(targets='.*/qproj'))
+  with pytest.raises(ValueError, match='model.lora.targets.*scan_layers'):
+    lora.add_adapters(_tiny(scan_layers=True), _lora_config(targets='layers/1/.*'))
+  config = demo_config(tmp_path)
+  config.model.lora.rank, config.model.lora.targets = 4, '(q_proj'
+  with pytest.raises(ValueError, match='model.lora.targets'):
+    lora.check_config(config)
+
+
+def test_qlora_quantizes_every_projection_whatever_the_targets(qlora_base):
+  """QLoRA with adapters on q and v only still stores the whole base quantized (k, o and the MLP
+  too), scanned and unscanned alike: zero adapters give the all-targets model's logits."""
+  tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 12))
+  lc = _lora_config(targets='.*/(q|v)_proj')
+  want = _logits(lora.add_adapters(models.load_hf(qlora_base, scan_layers=False), _lora_config(),
+                                   'int8'), tokens)
+  for scan_layers in (False, True):
+    adapted = lora.add_adapters(models.load_hf(qlora_base, scan_layers=scan_layers), lc, 'int8')
+    np.testing.assert_allclose(_logits(adapted, tokens), want, atol=1e-5, rtol=1e-5)
+    frozen = nnx.to_pure_dict(nnx.split(adapted, nnx.LoRAParam, ...)[2])['layers']
+    layer = frozen if scan_layers else frozen[0]
+    for module, name in (('attn', 'k_proj'), ('attn', 'o_proj'), ('mlp', 'down_proj')):
+      assert str(layer[module][name]['array']['qvalue'].dtype) == 'int8'
+    assert sorted({name for _, name, _ in lora.adapter_pairs(adapted)}) == ['q_proj', 'v_proj']
+
+
+def test_lora_run_generates_the_tokens_of_its_merged_export(tmp_path):
+  """A trained LoRA run (dropout on in training, adapters on some projections only) generates,
+  through qwix and the KV cache, the greedy tokens of its merged model and of transformers'
+  generate on the exported merged folder; the adapters change what the base would say."""
+  from mos_jax import export, generation, inference
+  config = _lora_run_config(tmp_path, train__steps=6, train__checkpoint_every=6,
+                            train__log_every=3, train__eval_every=0, train__eval_batches=1)
+  config.train.lr = 0.05  # Adapters far enough from zero to change greedy tokens.
+  config.model.lora.dropout = 0.1
+  config.model.lora.targets = '.*/(q|v|o|down)_proj'
+  workdir = str(tmp_path / 'run')
+  trainer.train(trainer.build(copy.deepcopy(config), workdir))
+  loaded = inference.load(copy.deepcopy(config), workdir)
+  gen = inference.generator(loaded)
+  ids = [loaded.tokenizer(gen.chat_prompt([{'role': 'user', 'content': t}]),
+                          add_special_tokens=False)['input_ids']
+         for t in ('What is 12+7?', 'Name the capital of Kalomi.')]
+  greedy = lambda model: generation.Generator(model, loaded.tokenizer, stop_ids=[]).generate_ids(
+      ids, 12)
+  ours = greedy(loaded.model)
+  assert greedy(lora.merged_model(loaded.model, config.model.lora)) == ours
+  base = inference.load(copy.deepcopy(config)).model  # The same base, no adapters.
+  assert greedy(base) != ours
+
+  export.export(copy.deepcopy(config), workdir, str(tmp_path / 'hf'))
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32)
+  for prompt_ids, got in zip(ids, ours):
+    with torch.no_grad():
+      ref = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=12,
+                           min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert got == ref[0, len(prompt_ids):].tolist()
+
+
+def test_qlora_generates_with_the_kv_cache(qlora_base):
+  """QLoRA decoding (quantized o_proj in the cache path too) gives the greedy tokens of the
+  whole sequence recomputed through the merged (dequantized + adapters) model."""
+  import types
+  from mos_jax import generation
+  lc = _lora_config()
+  adapted = lora.add_adapters(models.load_hf(qlora_base, scan_layers=True), lc, 'int8')
+  _random_adapters(adapted, 4)
+  stub = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
+  got = generation.Generator(adapted, stub, stop_ids=[]).generate_ids([[5, 17, 33, 2], [44, 3]], 8)
+  merged = lora.merged_model(adapted, lc)
+  for prompt, out in zip([[5, 17, 33, 2], [44, 3]], got):
+    buf = list(prompt)
+    for _ in range(8):
+      buf.append(int(np.argmax(_logits(merged, np.asarray([buf]))[0, -1])))
+    assert out == buf[len(prompt):]
+
+
+@pytest.mark.parametrize('strategy', ['multidds', 'multiuat', 'odm', 'doremi'])
+def test_lora_runs_the_rival_strategies(strategy, tmp_path):
+  """MultiDDS (adapter gradients as the signal), MultiUAT, ODM and DoReMi (theta_0 = the base
+  with the adapters off) with LoRA and dropout: the base stays bit-identical, the adapters and
+  the mixture move, every logged number is finite; ODM (per step) and MultiDDS resume exactly."""
+  config = _lora_run_config(tmp_path, train__steps=6, train__checkpoint_every=3,
+                            train__log_every=1, train__eval_every=0, train__eval_batches=1)
+  config.mixing.strategy = strategy
+  config.mixing.update_every = 2
+  config.model.lora.dropout = 0.1
+  if strategy == 'doremi':
+    config.mixing.prior_temperature = 1.0  # As in test_train_strategies: the smoothing towards
+    config.mixing.doremi_smoothing = 0.5  # uniform moves it even when the excess loss is 0.
+  straight = str(tmp_path / 'straight')
+  run = trainer.build(copy.deepcopy(config), straight)
+  base_before = jax.device_get(run.frozen)
+  adapters_before = jax.device_get(run.state.params)
+  trainer.train(run)
+  for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(run.frozen))):
+    np.testing.assert_array_equal(a, b)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), adapters_before,
+                       jax.device_get(run.state.params))
+  assert min(jax.tree.leaves(moved)) > 0
+  final = jax.tree.leaves(jax.device_get(run.state))
+  read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
+                    for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+  lines, names = read(straight), run.data.names
+  assert all(np.isfinite(v) for line in lines for v in line.values())
+  assert sum(1 for line in lines if f'reward/{names[0]}' in line) >= 3
+  start = np.array([lines[0][f'mixture/{n}'] for n in names])
+  end = np.array([lines[-1][f'mixture/{n}'] for n in names])
+  np.testing.assert_allclose(end.sum(), 1.0, rtol=1e-5)
+  assert np.abs(end - start).max() > 1e-6, (start, end)
+  if strategy not in ('odm', 'multidds'):
+    return
+  resumed = str(tmp_path / 'resumed')
+  train_crashing(trainer.build(copy.deepcopy(config), resumed), 4)
+  run = trainer.build(copy.deepcopy(config), resumed)
+  assert run.start_step == 3
+  trainer.train(run)
+  assert read(straight) == read(resumed)
+  for a, b in zip(final, jax.tree.leaves(jax.device_get(run.state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -132,7 +132,8 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is not None:  # Decoding: attend over the KV cache (kv_cache.LayerCache).
       out, cache = kv_cache.attend(q, k, v, segment_ids, cache)
-      return jnp.einsum('BLNH,NHD->BLD', out, self.o_proj[...].astype(dt)), cache
+      # The same projection as below (a QLoRA weight is no Param; the delta keeps dtype dt).
+      return jnp.einsum('BLNH,NHD->BLD', out, _weight(self.o_proj, dt)).astype(dt), cache
     # Causal within segments, grouped-query (K < N), scale 1/sqrt(H); the kernel per platform.
     out = attention_lib.attend(q, k, v, segment_ids, self.config.attention_impl)  # [B, L, N, H]
     return jnp.einsum('BLNH,NHD->BLD', out, _weight(self.o_proj, dt)).astype(dt)
