@@ -90,7 +90,7 @@ def _logical_axes_of(variable) -> tuple | None:
   return meta.get('out_sharding') or meta.get('sharding_names')
 
 
-def _fsdp_storage(spec: P, logical, shape, mesh) -> P:
+def fsdp_storage(spec: P, logical, shape, mesh) -> P:
   """FSDP only stores an array (it is gathered before use), so an array the table leaves whole
   over `fsdp` (a norm scale, a bias, a dimension fsdp does not divide) takes fsdp on its largest
   dimension that it divides; never 'layers', which scan slices."""
@@ -115,7 +115,7 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
     logical, shape = _logical_axes_of(variable), getattr(value, 'shape', None)
     spec = logical_to_mesh_spec(logical, shape, mesh)
     if shape is not None:
-      spec = _fsdp_storage(spec, logical, shape, mesh)
+      spec = fsdp_storage(spec, logical, shape, mesh)
     return variable.replace(NamedSharding(mesh, spec))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

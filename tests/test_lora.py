@@ -87,6 +87,15 @@ def test_zero_init_lora_gives_the_base_logits_exactly(scan_layers):
   assert np.abs(_logits(adapted, tokens) - _logits(model, tokens)).max() > 1e-3
 
 
+def _torch_base(family, folder):
+  """A seeded random HF model of `family` (eval mode), saved to `folder`."""
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(
+      HF_CONFIGS[family](), dtype=torch.float32, attn_implementation='eager').eval()
+  model.save_pretrained(folder)
+  return model
+
+
 def _random_adapters(model, seed):
   """Every B random (A is already random): an adapter that changes the model visibly."""
   rng = np.random.default_rng(seed)
@@ -99,11 +108,8 @@ def _random_adapters(model, seed):
                                                 ('gemma', False), ('llama', True)])
 def test_peft_and_merged_exports_match_our_adapted_model(family, scan_layers, tmp_path):
   import peft
-  torch.manual_seed(0)
-  base_torch = transformers.AutoModelForCausalLM.from_config(
-      HF_CONFIGS[family](), dtype=torch.float32, attn_implementation='eager').eval()
   base_dir = tmp_path / 'base'
-  base_torch.save_pretrained(base_dir)
+  base_torch = _torch_base(family, base_dir)
   ours = lora.add_adapters(models.load_hf(base_dir, scan_layers=scan_layers), _lora_config(4, 8.0),
                            seed=1)
   _random_adapters(ours, 2)
@@ -428,10 +434,7 @@ def test_targets_select_single_projections_and_peft_loads_them(scan_layers, tmp_
   """targets='.*/(q|v)_proj' (PEFT's usual choice): adapters on q and v only, the hand count of
   trainable parameters, target_modules ['q_proj', 'v_proj'], and PEFT's logits equal ours."""
   import peft
-  torch.manual_seed(0)
-  base_torch = transformers.AutoModelForCausalLM.from_config(
-      HF_CONFIGS['llama'](), dtype=torch.float32, attn_implementation='eager').eval()
-  base_torch.save_pretrained(tmp_path / 'base')
+  base_torch = _torch_base('llama', tmp_path / 'base')
   lc = _lora_config(4, 8.0, targets='.*/(q|v)_proj')
   ours = lora.add_adapters(models.load_hf(tmp_path / 'base', scan_layers=scan_layers), lc, seed=1)
   c = ours.config
@@ -466,10 +469,7 @@ def test_per_layer_targets_export_exact_modules_and_bad_targets_are_refused(tmp_
   full, and PEFT adapts exactly those. A regex matching nothing, or a subset of layers with
   scanned layers, is refused naming model.lora.targets."""
   import peft
-  torch.manual_seed(0)
-  base_torch = transformers.AutoModelForCausalLM.from_config(
-      HF_CONFIGS['qwen2'](), dtype=torch.float32, attn_implementation='eager').eval()
-  base_torch.save_pretrained(tmp_path / 'base')
+  base_torch = _torch_base('qwen2', tmp_path / 'base')
   lc = _lora_config(2, 4.0, targets='layers/1/(attn/o_proj|mlp/.*)')
   ours = lora.add_adapters(models.load_hf(tmp_path / 'base', scan_layers=False), lc, seed=1)
   assert sorted((p, name) for p, name, _ in lora.adapter_pairs(ours)) == [

@@ -374,7 +374,7 @@ def frozen_shardings(model_config, frozen, mesh):
       keys = keys[:-2]
     logical = names[keys]
     spec = sharding.logical_to_mesh_spec(logical, leaf.shape, mesh)
-    spec = sharding._fsdp_storage(spec, logical, leaf.shape, mesh)  # pylint: disable=protected-access
+    spec = sharding.fsdp_storage(spec, logical, leaf.shape, mesh)
     return jax.sharding.NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, frozen)
