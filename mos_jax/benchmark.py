@@ -91,7 +91,7 @@ def model_numbers(config, devices) -> dict:
       model_config = models.config_from_hf(json.load(f))
   else:
     vocab = len(bundle.load_tokenizer(bundle.tokenizer_path(config)))
-    model_config = models.get_preset(m.preset, vocab_size=vocab)
+    model_config = models.get_preset(m.preset, vocab_size=m.get('vocab_size', 0) or vocab)
   peak = perf.peak_flops(devices[0].device_kind)
   return {'params': models.param_count(model_config),
           'flops_per_position': perf.flops_per_position(model_config, config.data.max_len),

@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_impl = ''  # Attention kernel: '' (auto: splash on TPU, cudnn on GPU, xla elsewhere), 'xla', 'cudnn', 'triton', 'splash'.
   c.model.loss_chunk = 256  # Positions per LM-head + cross-entropy chunk: no full [B, L, V] fp32 logits (0 = one chunk).
   c.model.quantize = 'none'  # Frozen base storage: 'none', or 'int8' / 'int4' / 'nf4' through qwix (QLoRA; needs model.lora.rank > 0).
+  c.model.vocab_size = 0  # Embedding rows of a preset: 0 = the tokenizer's size; more pads the table (as released checkpoints do), e.g. to bench a preset at its real size.
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0  # LoRA rank through qwix (0 = off: full fine-tuning); adapters train, the base stays frozen.
   c.model.lora.alpha = 16.0  # LoRA scale numerator: the adapter output is multiplied by alpha / rank.

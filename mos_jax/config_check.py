@@ -49,6 +49,9 @@ def _problems(config) -> list[str]:
   else:
     need(os.path.isdir(os.path.expanduser(m.hf_checkpoint)), 'model.hf_checkpoint',
          'is not a folder (a local Hugging Face checkpoint: config.json + safetensors)')
+    need(not m.get('vocab_size', 0), 'model.vocab_size',
+         'sizes a preset only; a checkpoint brings its own embedding table (set it to 0)')
+  number('model.vocab_size', 0, integer=True)
   need(m.dtype in DTYPES, 'model.dtype', f'must be one of {DTYPES}')
   need(m.param_dtype in DTYPES, 'model.param_dtype', f'must be one of {DTYPES}')
   need(m.attention_impl in ATTENTION_IMPLS, 'model.attention_impl',

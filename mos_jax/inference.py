@@ -42,7 +42,8 @@ def load(config, workdir: str | None = None, step: int | None = None) -> Loaded:
       model = models.load_hf(m.hf_checkpoint, mesh=mesh, **options)
     else:
       vocab = len(bundle.load_tokenizer(tokenizer_dir))
-      model = models.init_model(models.get_preset(m.preset, vocab_size=vocab, **options),
+      model = models.init_model(models.get_preset(m.preset, vocab_size=m.get('vocab_size', 0) or vocab,
+                                                  **options),
                                 config.seed, mesh=mesh)
   tokenizer = bundle.load_tokenizer(tokenizer_dir)
   try:

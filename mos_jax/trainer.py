@@ -104,11 +104,13 @@ def build_model(config, mesh, vocab_size: int):
   if m.hf_checkpoint:
     model = models.load_hf(m.hf_checkpoint, mesh=mesh, **options)
   else:
-    model = models.init_model(models.get_preset(m.preset, vocab_size=vocab_size, **options),
+    rows = m.get('vocab_size', 0) or vocab_size  # Older run configs lack the key.
+    model = models.init_model(models.get_preset(m.preset, vocab_size=rows, **options),
                               config.seed, mesh=mesh)
   if model.config.vocab_size < vocab_size:
     raise ValueError(f'The tokenizer has {vocab_size} tokens but the model only '
-                     f'{model.config.vocab_size} embeddings (model.hf_checkpoint / model.preset).')
+                     f'{model.config.vocab_size} embeddings (model.hf_checkpoint / '
+                     f'model.vocab_size).')
   if lora.enabled(m):  # qwix adapters (and a quantized base with model.quantize).
     model = lora.add_adapters(model, m.lora, m.quantize, config.seed)
   return model

@@ -324,3 +324,21 @@ def test_buckets_with_reward_and_dev_batches(tmp_path, strategy):
   trainer.train(run)
   last = [r for r in _metric_lines(workdir) if 'reward/math' in r][-1]
   assert all(np.isfinite(last[f'reward_raw/{n}']) for n in run.data.names)
+
+
+def test_model_vocab_size_sizes_a_presets_embedding_table(tmp_path):
+  """model.vocab_size pads a preset's table past the tokenizer (as released checkpoints are
+  padded); fewer rows than tokens, or the key with a checkpoint, is refused by name."""
+  from mos_jax import config_check
+  from mos_jax.data import build_data
+  config = demo_config(tmp_path)
+  tokens = len(build_data(config).tokenizer)  # The demo tokenizer: 512.
+  config.model.vocab_size = 1000
+  model = trainer.build_model(config, None, tokens)
+  assert model.embed[...].shape[0] == model.config.vocab_size == 1000
+  config.model.vocab_size = tokens - 1
+  with pytest.raises(ValueError, match='model.vocab_size'):
+    trainer.build_model(config, None, tokens)
+  config.model.vocab_size, config.model.hf_checkpoint = 1000, str(tmp_path)
+  with pytest.raises(ValueError, match='model.vocab_size=1000.*sizes a preset only'):
+    config_check.validate(config)
