@@ -20,12 +20,12 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import bench_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 GIB = 2**30
 
 
@@ -36,7 +36,6 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
   import ml_collections
   from flax import nnx
 
-  from bench_memory import abstract_step_inputs
   from mos_jax import config as config_lib, models, sharding, steps
   from mos_jax.models import lora
 
@@ -66,7 +65,7 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
     frozen_sh = lora.frozen_shardings(model_config, frozen, mesh)
   param_sh = nnx.to_pure_dict(sharding.state_shardings(abstract_params, mesh))
   params = nnx.to_pure_dict(abstract_params)
-  optimizer, opt_sh, state, state_sh, batch_abs = abstract_step_inputs(
+  optimizer, opt_sh, state, state_sh, batch_abs = bench_memory.abstract_step_inputs(
       cfg, mesh, params, param_sh, num_datasets, batch, seq)
   replicated = sharding.replicated(mesh)
   step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
@@ -96,17 +95,12 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
 
 
 def run_devices(devices, args) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   rows = []
   for mode in args.modes:  # One process per measurement: compiled programs do not pile up.
-    cmd = [sys.executable, os.path.abspath(__file__), '--child', '--preset', args.preset,
-           '--modes', mode, '--batch', str(args.batch), '--seq', str(args.seq),
-           '--rank', str(args.rank)] + (['--scan'] if args.scan else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    got = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
-    if proc.returncode or not got:
-      print(proc.stderr[-3000:], file=sys.stderr)
+    got = bench_memory.child_rows(
+        __file__, ['--preset', args.preset, '--modes', mode, '--batch', str(args.batch), '--seq',
+                   str(args.seq), '--rank', str(args.rank)] + (['--scan'] if args.scan else []),
+        devices, args.timeout)
     for r in got:
       print(json.dumps(r), flush=True)
     rows += got
@@ -148,10 +142,7 @@ def main():
   rows = []
   for devices in args.devices:
     rows += run_devices(devices, args)
-  print(table(rows))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  bench_memory.report(rows, table(rows), args.json)
 
 
 if __name__ == '__main__':

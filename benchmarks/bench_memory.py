@@ -126,19 +126,33 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str
       unsharded=unsharded)
 
 
-def run_devices(devices: int, presets, batch: int, seqs, timeout: float, remat: str,
-                loss_chunk: int, attention: str) -> list[dict]:
-  """One subprocess per device count: XLA_FLAGS must be set before jax starts."""
+def child_rows(script: str, child_args, devices: int, timeout: float) -> list[dict]:
+  """The JSON rows `script --child ...` prints on `devices` simulated CPU devices, in its own
+  process: XLA_FLAGS must be set before jax starts (and compiled programs do not pile up)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  cmd = [sys.executable, os.path.abspath(__file__), '--child', '--presets', *presets,
-         '--batch', str(batch), '--seq', *map(str, seqs), '--remat', remat,
-         '--loss-chunk', str(loss_chunk), '--attention', attention]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run([sys.executable, os.path.abspath(script), '--child', *child_args],
+                        env=env, capture_output=True, text=True, timeout=timeout)
   rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
-  if proc.returncode:
+  if proc.returncode or not rows:
     print(proc.stderr[-3000:], file=sys.stderr)
   return rows
+
+
+def report(rows, table_text: str, json_path: str) -> None:
+  """Prints the table; with a path, also writes the rows there as JSON."""
+  print(table_text)
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(rows, f, indent=1)
+
+
+def run_devices(devices: int, presets, batch: int, seqs, timeout: float, remat: str,
+                loss_chunk: int, attention: str) -> list[dict]:
+  """One subprocess per device count."""
+  return child_rows(__file__, ['--presets', *presets, '--batch', str(batch), '--seq',
+                               *map(str, seqs), '--remat', remat, '--loss-chunk', str(loss_chunk),
+                               '--attention', attention], devices, timeout)
 
 
 def table(rows) -> str:
@@ -178,10 +192,7 @@ def main():
   for devices in args.devices:
     rows += run_devices(devices, args.presets, args.batch, args.seq, args.timeout, args.remat,
                         args.loss_chunk, args.attention)
-  print(table(rows))
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+  report(rows, table(rows), args.json)
 
 
 if __name__ == '__main__':
