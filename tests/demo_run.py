@@ -48,3 +48,16 @@ def train_crashing(run, after_batches: int):
       trainer.train(run)
   finally:
     loader.__next__ = real_next
+
+
+def resume_after_crash(config, workdir: str, after_batches: int, start_step: int) -> list:
+  """Trains `config` in `workdir` until it crashes (train_crashing), builds it again — it must
+  resume at `start_step` — and trains to the end; returns the final state's leaves (host)."""
+  import copy
+  import jax
+  from mos_jax import trainer
+  train_crashing(trainer.build(copy.deepcopy(config), workdir), after_batches)
+  run = trainer.build(copy.deepcopy(config), workdir)
+  assert run.start_step == start_step
+  trainer.train(run)
+  return jax.tree.leaves(jax.device_get(run.state))
