@@ -83,6 +83,7 @@ def model_numbers(config, devices) -> dict:
   """Parameters, FLOPs per position and the peak FLOP/s of the chips."""
   from mos_jax import models
   from mos_jax import perf
+  from mos_jax import trainer
   from mos_jax.data import bundle
   m = config.model
   if m.hf_checkpoint:
@@ -91,7 +92,7 @@ def model_numbers(config, devices) -> dict:
       model_config = models.config_from_hf(json.load(f))
   else:
     vocab = len(bundle.load_tokenizer(bundle.tokenizer_path(config)))
-    model_config = models.get_preset(m.preset, vocab_size=m.get('vocab_size', 0) or vocab)
+    model_config = models.get_preset(m.preset, vocab_size=trainer.embedding_rows(m, vocab))
   peak = perf.peak_flops(devices[0].device_kind)
   return {'params': models.param_count(model_config),
           'flops_per_position': perf.flops_per_position(model_config, config.data.max_len),

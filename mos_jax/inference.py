@@ -41,9 +41,8 @@ def load(config, workdir: str | None = None, step: int | None = None) -> Loaded:
     if m.hf_checkpoint:
       model = models.load_hf(m.hf_checkpoint, mesh=mesh, **options)
     else:
-      vocab = len(bundle.load_tokenizer(tokenizer_dir))
-      model = models.init_model(models.get_preset(m.preset, vocab_size=m.get('vocab_size', 0) or vocab,
-                                                  **options),
+      rows = trainer.embedding_rows(m, len(bundle.load_tokenizer(tokenizer_dir)))
+      model = models.init_model(models.get_preset(m.preset, vocab_size=rows, **options),
                                 config.seed, mesh=mesh)
   tokenizer = bundle.load_tokenizer(tokenizer_dir)
   try:

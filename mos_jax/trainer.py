@@ -93,6 +93,12 @@ class Run:
       self.lock = None
 
 
+def embedding_rows(model_config, tokenizer_size: int) -> int:
+  """Rows of a preset's embedding table: `model.vocab_size`, or (0, or a run config from before
+  the key) the tokenizer's size."""
+  return model_config.get('vocab_size', 0) or tokenizer_size
+
+
 def build_model(config, mesh, vocab_size: int):
   """The run's model on `mesh` (None: default device): `model.hf_checkpoint` or the preset with
   `vocab_size` embeddings, with qwix adapters when `model.lora.rank` > 0."""
@@ -104,7 +110,7 @@ def build_model(config, mesh, vocab_size: int):
   if m.hf_checkpoint:
     model = models.load_hf(m.hf_checkpoint, mesh=mesh, **options)
   else:
-    rows = m.get('vocab_size', 0) or vocab_size  # Older run configs lack the key.
+    rows = embedding_rows(m, vocab_size)
     model = models.init_model(models.get_preset(m.preset, vocab_size=rows, **options),
                               config.seed, mesh=mesh)
   if model.config.vocab_size < vocab_size:
