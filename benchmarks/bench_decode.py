@@ -6,7 +6,7 @@
 
 Decode: greedy generation of --new_tokens tokens after a --prompt_len-token prompt, random
 weights, timed after a warm-up call (compilation excluded). The cache path is
-mos_jax.generation.Generator (jitted prefill + while_loop decode). The recompute baseline is one
+mos_jax.inference.sampler.Generator (jitted prefill + while_loop decode). The recompute baseline is one
 jitted loop that runs the whole fixed-width buffer (prompt + new tokens) through the model at
 every step and takes the argmax at the current position: the work of decoding without a cache.
 
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mos_jax import generation
+from mos_jax.inference import sampler
 from mos_jax import models
 
 
@@ -50,7 +50,7 @@ def _recompute_fn(graphdef, width):
 def bench_decode(model, batch, prompt_len, new_tokens, recompute=True, repeats=2):
   rng = np.random.default_rng(0)
   prompts = rng.integers(1, model.config.vocab_size, (batch, prompt_len)).tolist()
-  gen = generation.Generator(model, _Tok(), stop_ids=[])
+  gen = sampler.Generator(model, _Tok(), stop_ids=[])
   out = {}
   gen.generate_ids(prompts, new_tokens)  # compile
   times = []
@@ -82,7 +82,9 @@ def bench_decode(model, batch, prompt_len, new_tokens, recompute=True, repeats=2
 def bench_mmlu(model, questions=64, words=60, batch_size=16):
   import lm_eval  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
-  from mos_jax import inference, lm_eval_model, sharding  # pylint: disable=g-import-not-at-top
+  from mos_jax.inference import loaded as loaded_lib
+  from mos_jax.evals import lm_eval_model
+  from mos_jax.infra import sharding  # pylint: disable=g-import-not-at-top
   from mos_jax.data import demo  # pylint: disable=g-import-not-at-top
   tmp = tempfile.mkdtemp()
   vocab = ['plant', 'river', 'stone', 'cloud', 'apple', 'tiger', 'window', 'garden', 'silver']
@@ -103,7 +105,7 @@ def bench_mmlu(model, questions=64, words=60, batch_size=16):
   from mos_jax.data import bundle  # pylint: disable=g-import-not-at-top
   tokenizer = bundle.load_tokenizer(os.path.join(tmp, 'tok'))
   mesh = sharding.make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
-  loaded = inference.Loaded(model=model, step=None, tokenizer=tokenizer,
+  loaded = loaded_lib.Loaded(model=model, step=None, tokenizer=tokenizer,
                             tokenizer_dir=os.path.join(tmp, 'tok'), mesh=mesh, template=None)
   lm = lm_eval_model.MosJaxLM(loaded=loaded, batch_size=batch_size)
   manager = TaskManager(include_path=tmp)

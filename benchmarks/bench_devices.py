@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = '''
 import json, sys
-from mos_jax import bench, cli
+from mos_jax import bench
+from mos_jax.infra import cli
 mesh, windows = json.loads(sys.argv[1]), int(sys.argv[2])
 overrides = ['--config.mesh.%s=%d' % (k, v) for k, v in zip(('data', 'fsdp', 'tensor'), mesh)]
 config = bench.bench_config(cli.load_config('configs/demo.py', overrides), 'static', windows)

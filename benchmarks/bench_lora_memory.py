@@ -6,7 +6,7 @@
 For each device count a subprocess simulates that many CPU devices (XLA_FLAGS) and, per mode,
 builds the abstract model (nnx.eval_shape; for LoRA modes qwix adds the adapters and, for
 int4 / nf4, quantizes the frozen base inside the same abstract trace), lowers the project's
-`steps.train_step` with the trainer's shardings on a (1, N, 1) FSDP mesh (LoRA: adapters +
+`sft.train_step` with the trainer's shardings on a (1, N, 1) FSDP mesh (LoRA: adapters +
 AdamW in the state, the frozen base as its own argument), compiles it ahead of time and prints
 `compiled.memory_analysis()` per device. Setup: bf16 parameters and compute, fp32 AdamW moments,
 full remat, unscanned layers or (--scan) scanned ones, the chunked LM head.
@@ -36,7 +36,10 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
   import ml_collections
   from flax import nnx
 
-  from mos_jax import config as config_lib, models, sharding, steps
+  from mos_jax import config as config_lib
+  from mos_jax import models
+  from mos_jax.infra import sharding
+  from mos_jax.steps import sft
   from mos_jax.models import lora
 
   cfg = config_lib.base_config()
@@ -68,7 +71,7 @@ def measure(preset: str, mode: str, batch: int, seq: int, rank: int, scan: bool 
   optimizer, opt_sh, state, state_sh, batch_abs = bench_memory.abstract_step_inputs(
       cfg, mesh, params, param_sh, num_datasets, batch, seq)
   replicated = sharding.replicated(mesh)
-  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
+  step = jax.jit(functools.partial(sft.train_step, graphdef=graphdef, optimizer=optimizer,
                                    num_datasets=num_datasets),
                  in_shardings=(state_sh, None, frozen_sh), out_shardings=(state_sh, replicated),
                  donate_argnums=(0,))

@@ -3,7 +3,7 @@
     python benchmarks/bench_lora_step.py [--preset tiny] [--rank 8] [--batch 16] [--seq 128]
         [--rounds 5] [--steps 10]
 
-Jits the project's `steps.train_step` twice on one device — all parameters trained, and qwix
+Jits the project's `sft.train_step` twice on one device — all parameters trained, and qwix
 LoRA adapters trained over the frozen base — and times `--steps` steps of each, alternating the
 two for `--rounds` rounds so that load from other processes hits both alike; prints the median
 seconds per step and the ratio LoRA / full. Scanned layers for both (model.scan_layers' default).
@@ -27,7 +27,9 @@ import numpy as np
 from flax import nnx
 
 from mos_jax import config as config_lib
-from mos_jax import models, steps
+from mos_jax import models
+from mos_jax.steps import sft
+from mos_jax.steps import state as state_lib
 from mos_jax.models import lora
 
 
@@ -38,11 +40,11 @@ def make_step(model, train_config, use_lora: bool):
   else:
     (graphdef, params), frozen = nnx.split(model, nnx.Param), None
   params = jax.tree.map(jnp.copy, nnx.to_pure_dict(params))  # Own buffers: the state is donated.
-  optimizer = steps.make_optimizer(train_config)
+  optimizer = state_lib.make_optimizer(train_config)
   zero = lambda: jnp.zeros((), jnp.int32)
-  state = steps.TrainState(step=zero(), params=params, opt_state=optimizer.init(params), mixing=(),
+  state = state_lib.TrainState(step=zero(), params=params, opt_state=optimizer.init(params), mixing=(),
                            bad_steps=zero(), skipped_steps=zero())
-  fn = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
+  fn = jax.jit(functools.partial(sft.train_step, graphdef=graphdef, optimizer=optimizer,
                                  num_datasets=1), donate_argnums=(0,))
   return fn, state, frozen
 

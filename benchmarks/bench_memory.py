@@ -5,8 +5,8 @@
         [--json out.json]
 
 For each device count a subprocess simulates that many CPU devices (XLA_FLAGS), builds the
-abstract model (eval_shape), lowers the project's `steps.train_step` (forward, backward, AdamW)
-with the parameter / optimizer-state / batch shardings of `mos_jax.sharding` on a (1, N, 1)
+abstract model (eval_shape), lowers the project's `steps.sft.train_step` (forward, backward, AdamW)
+with the parameter / optimizer-state / batch shardings of `mos_jax.infra.sharding` on a (1, N, 1)
 mesh, compiles it ahead of time and prints `compiled.memory_analysis()` per device.
 Setup: bf16 parameters and compute, fp32 AdamW moments, scanned layers, each preset's remat
 policy in the paper recipes (`--remat recipe`; or one policy name for all), the chunked LM head +
@@ -53,19 +53,22 @@ def abstract_step_inputs(cfg, mesh, params, param_sh, num_datasets: int, batch: 
   import jax
   import jax.numpy as jnp
 
-  from mos_jax import mixing, sharding, steps
+  from mos_jax import mixing
+  from mos_jax.infra import sharding
+  from mos_jax.steps import state as state_lib
 
-  optimizer = fp32_state(steps.make_optimizer(cfg.train))
+  optimizer = fp32_state(state_lib.make_optimizer(cfg.train))
   opt_sh = sharding.opt_state_shardings(optimizer, params, param_sh, mesh)
   replicated = sharding.replicated(mesh)
   mixing_state = jax.eval_shape(
       lambda: mixing.init_mixing_state(cfg.mixing, [1000] * num_datasets, jax.random.key(0)))
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  state = steps.TrainState(step=scalar, params=params, opt_state=jax.eval_shape(optimizer.init, params),
-                           mixing=mixing_state, bad_steps=scalar, skipped_steps=scalar)
-  state_sh = steps.TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
-                              mixing=jax.tree.map(lambda _: replicated, mixing_state),
-                              bad_steps=replicated, skipped_steps=replicated)
+  state = state_lib.TrainState(step=scalar, params=params,
+                               opt_state=jax.eval_shape(optimizer.init, params),
+                               mixing=mixing_state, bad_steps=scalar, skipped_steps=scalar)
+  state_sh = state_lib.TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                                  mixing=jax.tree.map(lambda _: replicated, mixing_state),
+                                  bad_steps=replicated, skipped_steps=replicated)
   row = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=sharding.batch_sharding(mesh))
   vec = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh, 1))
   batch_abs = dict(tokens=row(jnp.int32), targets=row(jnp.int32), loss_mask=row(jnp.float32),
@@ -81,7 +84,10 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str
   import ml_collections
   from flax import nnx
 
-  from mos_jax import config as config_lib, models, sharding, steps
+  from mos_jax import config as config_lib
+  from mos_jax import models
+  from mos_jax.infra import sharding
+  from mos_jax.steps import sft
 
   cfg = config_lib.base_config()
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
@@ -99,7 +105,7 @@ def measure(preset: str, batch: int, seq: int, num_datasets: int = 4, remat: str
   unsharded = sharding.unsharded_large_params(
       sharding.sharded_abstract((params, state.opt_state), (param_sh, opt_sh)), min_size=2**20)
 
-  step = jax.jit(functools.partial(steps.train_step, graphdef=graphdef, optimizer=optimizer,
+  step = jax.jit(functools.partial(sft.train_step, graphdef=graphdef, optimizer=optimizer,
                                    num_datasets=num_datasets),
                  in_shardings=(state_sh, None), out_shardings=(state_sh, replicated),
                  donate_argnums=(0,))

@@ -3,12 +3,12 @@
     python benchmarks/bench_strategies.py overhead [--config configs/demo.py] [--windows 3] [--repeats 2]
     python benchmarks/bench_strategies.py memory [--preset qwen1.5-0.5b] [--rows 1] [--seq 128]
 
-overhead: every strategy runs the real training loop (`mos_jax.trainer`) in this one process with
+overhead: every strategy runs the real training loop (`mos_jax.training`) in this one process with
 `log_every = update_every`, so each logged window of S steps holds exactly one reward step; the
 first window (compiles) is dropped, strategies alternate over `--repeats` rounds (each round
 starts with the next strategy), and the median
 seconds per step is printed as a ratio to static's.
-memory: lowers MultiDDS's reward step (`signals.signal_step` with the `grad_cos` signal) for a
+memory: lowers MultiDDS's reward step (`reward_lib.signal_step` with the `grad_cos` signal) for a
 preset (bf16 by default) on one CPU device and compiles it ahead of time; its temporary memory is
 compared with that of one plain backward pass over one chunk of the same rows (activations only:
 its gradient is an output) in units of the model's gradient size. The design bound is 2 gradient-sized buffers (the
@@ -41,9 +41,9 @@ VARIANTS = {
 
 
 def overhead(args):
-  from mos_jax import cli
-  from mos_jax import metrics as metrics_lib
-  from mos_jax import trainer
+  from mos_jax.infra import cli
+  from mos_jax.workdir import metrics as metrics_lib
+  from mos_jax.training import run as trainer
   import jax
   base = cli.load_config(args.config)
   every = base.mixing.update_every
@@ -77,8 +77,9 @@ def memory(args):
   import jax
   import jax.numpy as jnp
   from flax import nnx
-  from mos_jax import models, steps
-  from mos_jax.mixing import signals
+  from mos_jax import models
+  from mos_jax.steps import sft
+  from mos_jax.steps import reward as reward_lib
   n = args.datasets
   cfg = models.get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype, remat=True,
                           scan_layers=True)
@@ -95,12 +96,12 @@ def memory(args):
                 example_ids=jax.ShapeDtypeStruct((rows,), jnp.int32))
 
   rows = args.rows * n
-  mask = signals.gradient_mask(params, args.grad_params)
-  dds = jax.jit(functools.partial(signals.signal_step, reference_params=None, graphdef=graphdef,
+  mask = reward_lib.gradient_mask(params, args.grad_params)
+  dds = jax.jit(functools.partial(reward_lib.signal_step, reference_params=None, graphdef=graphdef,
                                   num_datasets=n, signals={'grad_cos'}, grad_mask=mask))
   dds_mem = dds.lower(params, batches={'train': batch(rows), 'dev': batch(rows)}).compile(
       ).memory_analysis()
-  one = jax.jit(jax.grad(lambda p, b: steps._sum_loss(p, graphdef, b, n)[0]))  # pylint: disable=protected-access
+  one = jax.jit(jax.grad(lambda p, b: sft.sum_loss(p, graphdef, b, n)[0]))
   one_mem = one.lower(params, batch(args.rows)).compile().memory_analysis()  # one chunk
   gib = 2**30
   extra = (dds_mem.temp_size_in_bytes - one_mem.temp_size_in_bytes) / grad_bytes

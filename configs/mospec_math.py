@@ -4,12 +4,12 @@
     python -m mos_jax.train --config configs/mospec_math.py:diff --workdir runs/mospec-diff
 
 COSSIM rewards each dataset by its similarity to Mathematics (itself included); DIFF doubles the
-Mathematics reward. Otherwise the settings of §4.1 (mos_jax/recipes.py), on the data written by
+Mathematics reward. Otherwise the settings of §4.1 (mos_jax/config/recipes.py), on the data written by
 `python -m mos_jax.data.prepare paper --out data/paper` (or --config.data.root=DIR), 3 epochs.
 Produces the usual run folder; mixture.png should show 'math' gaining probability.
 """
 
-from mos_jax import recipes
+from mos_jax.config import recipes
 
 VARIANTS = ('cossim', 'diff')  # The `:arg` suffixes this file accepts (tests load each one).
 

@@ -10,12 +10,12 @@ reward cossim or diff. Static baselines of Table 2 on the same data and model:
     --config.mixing.strategy=static --config.mixing.prior_temperature=inf  # UNI. (tau = inf)
 
 Produces in the workdir: metrics.jsonl, tb/, mixture.png (cf. Figure 2), loss.png (cf. Figure 3),
-checkpoints/, config.json. Needs the local model folder named in mos_jax/recipes.py and the data
-written by `python -m mos_jax.data.prepare paper --out data/paper` (or --config.data.root=DIR);
+checkpoints/, config.json. Needs the local model folder named in mos_jax/config/recipes.py and
+the data written by `python -m mos_jax.data.prepare paper --out data/paper` (or --config.data.root=DIR);
 trains 3 epochs over it (train.epochs).
 """
 
-from mos_jax import recipes
+from mos_jax.config import recipes
 
 VARIANTS = recipes.variants()  # The `:arg` suffixes this file accepts (tests load each one).
 

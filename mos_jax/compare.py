@@ -15,8 +15,8 @@ import sys
 
 from absl import flags
 
-from mos_jax import cli
-from mos_jax import comparison
+from mos_jax.infra import cli
+from mos_jax.experiments import comparison
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the runs and the report.')
 _STRATEGIES = flags.DEFINE_string('strategies', ','.join(comparison.STRATEGIES),

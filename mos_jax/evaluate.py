@@ -7,13 +7,13 @@
 
 Writes DIR/eval/<step>.json (lm-eval's results plus the summary: the paper's mu columns) and prints
 a table. Tasks: any lm-eval task or group, paper_mmlu, paper_math, skills, mtbench:PATH (see
-mos_jax/evaluation.py). lm-eval tasks read their data from the Hugging Face hub or its cache; see
+mos_jax/tasks_lib.py). lm-eval tasks read their data from the Hugging Face hub or its cache; see
 the README ("Evaluation") for offline use.
 """
 
 from absl import flags
 
-from mos_jax import cli
+from mos_jax.infra import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder; empty = the base model of the config.')
 _TASKS = flags.DEFINE_list('tasks', None, 'Comma-separated task names.')
@@ -34,14 +34,14 @@ _CONFIG = cli.define_config_flag()
 
 def main(argv):
   del argv
-  from mos_jax import evaluation  # Imported after flag parsing: it pulls in jax.
-  judge = evaluation.Judge(url=_JUDGE_URL.value, model=_JUDGE_MODEL.value,
+  from mos_jax.evals import tasks as tasks_lib  # Imported after flag parsing: it pulls in jax.
+  judge = tasks_lib.Judge(url=_JUDGE_URL.value, model=_JUDGE_MODEL.value,
                            prompts=_JUDGE_PROMPTS.value, references=_JUDGE_REFS.value,
                            api_key_env=_JUDGE_KEY.value)
-  record = evaluation.evaluate(_CONFIG.value, _WORKDIR.value, _TASKS.value, _FEWSHOT.value,
+  record = tasks_lib.evaluate(_CONFIG.value, _WORKDIR.value, _TASKS.value, _FEWSHOT.value,
                                _LIMIT.value, _STEP.value, _INCLUDE.value, judge, _OUT.value,
                                _BATCH.value)
-  print(evaluation.format_table(record))
+  print(tasks_lib.format_table(record))
 
 
 if __name__ == '__main__':

@@ -14,7 +14,7 @@ that `peft.PeftModel.from_pretrained(base, out)` loads on top of model.hf_checkp
 
 from absl import flags
 
-from mos_jax import cli
+from mos_jax.infra import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder whose latest checkpoint to export.')
 _OUT = flags.DEFINE_string('out', None, 'Folder to write the Hugging Face checkpoint into.')
@@ -24,28 +24,11 @@ _ADAPTERS_ONLY = flags.DEFINE_bool('adapters-only', False,
 _CONFIG = cli.define_config_flag()
 
 
-def export(config, workdir: str, out: str, overwrite: bool = False,
-           adapters_only: bool = False) -> int:
-  """Writes the latest checkpoint's model to `out`; returns its step. The run folder is only read."""
-  from mos_jax import models, trainer  # Imported late: they pull in jax and the data stack.
-  from mos_jax.models import lora
-  if adapters_only and not lora.enabled(config.model):
-    raise ValueError('--adapters-only needs a LoRA run (model.lora.rank > 0).')
-  model, step, tokenizer_dir = trainer.restore_model(config, workdir)
-  if adapters_only:
-    lora.save_peft(model, config.model.lora, out, base_model=config.model.hf_checkpoint,
-                   overwrite=overwrite)
-    return step
-  if lora.enabled(config.model):
-    model = lora.merged_model(model, config.model.lora)
-  models.save_hf(model, out, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
-  return step
-
-
 def main(argv):
   del argv
-  step = export(_CONFIG.value, _WORKDIR.value, _OUT.value, _OVERWRITE.value,
-                _ADAPTERS_ONLY.value)
+  from mos_jax.inference import export  # Imported after flag parsing: it pulls in jax.
+  step = export.export(_CONFIG.value, _WORKDIR.value, _OUT.value, _OVERWRITE.value,
+                       _ADAPTERS_ONLY.value)
   print(f'Wrote the model of step {step} to {_OUT.value}.')
 
 

@@ -12,7 +12,7 @@ conversation); the answers are printed as JSON lines {"prompt"/"messages", "answ
 
 from absl import flags
 
-from mos_jax import cli
+from mos_jax.infra import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder; empty = the base model of the config.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
@@ -31,11 +31,11 @@ _CONFIG = cli.define_config_flag()
 
 def main(argv):
   del argv
-  from mos_jax import ask  # Imported after flag parsing: it pulls in jax.
-  options = ask.Options(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-                        top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                        stop=tuple(_STOP.value), batch_size=_BATCH.value, raw=_RAW.value)
-  ask.run(_CONFIG.value, _WORKDIR.value, _STEP.value, _PROMPT.value, _PROMPTS.value, options)
+  from mos_jax.inference import chat  # Imported after flag parsing: it pulls in jax.
+  options = chat.Options(max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                         top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                         stop=tuple(_STOP.value), batch_size=_BATCH.value, raw=_RAW.value)
+  chat.run(_CONFIG.value, _WORKDIR.value, _STEP.value, _PROMPT.value, _PROMPTS.value, options)
 
 
 if __name__ == '__main__':

@@ -12,8 +12,9 @@ import sys
 
 
 def main() -> None:
-  from lm_eval import __main__ as lm_eval_main  # pylint: disable=g-import-not-at-top
-  from mos_jax import lm_eval_model  # pylint: disable=g-import-not-at-top,unused-import  # Registers.
+  # Imported here, not at the top: jax and lm-eval load only when the command runs.
+  from lm_eval import __main__ as lm_eval_main
+  from mos_jax.evals import lm_eval_model  # pylint: disable=unused-import  # Registers 'mos_jax'.
   sys.argv[0] = 'lm_eval'
   lm_eval_main.cli_evaluate()
 

@@ -9,7 +9,7 @@ Library logs go to DIR/train.log; --alsologtostderr shows them here too.
 
 from absl import flags
 
-from mos_jax import cli
+from mos_jax.infra import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: metrics, plots, checkpoints, log.')
 _CONFIG = cli.define_config_flag()
@@ -17,9 +17,9 @@ _CONFIG = cli.define_config_flag()
 
 def main(argv):
   del argv
-  from mos_jax import trainer  # Imported after flag parsing: it pulls in jax and the data stack.
-  run = trainer.build(_CONFIG.value, _WORKDIR.value)
-  trainer.train(run)
+  from mos_jax import training  # Imported after flag parsing: it pulls in jax and the data stack.
+  run = training.build(_CONFIG.value, _WORKDIR.value)
+  training.train(run)
   return run.exit_code
 
 

@@ -7,7 +7,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def demo_config(tmp_path, **train):
   """The shipped demo recipe, shrunk to a few steps and pointed at a per-test data folder."""
-  from mos_jax import cli
+  from mos_jax.infra import cli
   config = cli.load_config(os.path.join(REPO, 'configs', 'demo.py'))
   data_dir = str(tmp_path / 'demo_data')
   from mos_jax.data import demo
@@ -31,7 +31,7 @@ def train_crashing(run, after_batches: int):
   """Trains `run` with a loader that dies when asked for batch `after_batches + 1` (counting
   from the run's start), as a crash would; the loader is put back afterwards."""
   import pytest
-  from mos_jax import trainer
+  from mos_jax import training
   loader = type(run.data.train)
   real_next = loader.__next__
   calls = {'n': 0}
@@ -45,7 +45,7 @@ def train_crashing(run, after_batches: int):
   loader.__next__ = crashing_next
   try:
     with pytest.raises(Crash):
-      trainer.train(run)
+      training.train(run)
   finally:
     loader.__next__ = real_next
 
@@ -55,9 +55,9 @@ def resume_after_crash(config, workdir: str, after_batches: int, start_step: int
   resume at `start_step` — and trains to the end; returns the final state's leaves (host)."""
   import copy
   import jax
-  from mos_jax import trainer
-  train_crashing(trainer.build(copy.deepcopy(config), workdir), after_batches)
-  run = trainer.build(copy.deepcopy(config), workdir)
+  from mos_jax import training
+  train_crashing(training.build(copy.deepcopy(config), workdir), after_batches)
+  run = training.build(copy.deepcopy(config), workdir)
   assert run.start_step == start_step
-  trainer.train(run)
+  training.train(run)
   return jax.tree.leaves(jax.device_get(run.state))

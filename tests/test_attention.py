@@ -82,7 +82,7 @@ def test_decoder_through_kernel_matches_transformers(checkpoints, family, impl):
 
 _MESH_SCRIPT = '''
 import jax, jax.numpy as jnp, numpy as np, ml_collections
-from mos_jax import sharding
+from mos_jax.infra import sharding
 from mos_jax.models import attention
 mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 2, 'tensor': 2}))
 rng = np.random.RandomState(0)

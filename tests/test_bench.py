@@ -2,9 +2,9 @@
 
 import math
 
-from mos_jax import benchmark
+from mos_jax.experiments import benchmark
 from mos_jax import models
-from mos_jax import perf
+from mos_jax.experiments import perf
 from demo_run import demo_config
 
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from mos_jax import comparison
-from mos_jax import metrics as metrics_lib
+from mos_jax.experiments import comparison
+from mos_jax.workdir import metrics as metrics_lib
 from demo_run import REPO
 
 

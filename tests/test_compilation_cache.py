@@ -8,7 +8,7 @@ from demo_run import REPO
 
 _SCRIPT = '''
 import sys, jax, jax.numpy as jnp
-from mos_jax import compilation_cache
+from mos_jax.infra import compilation_cache
 assert compilation_cache.enable(sys.argv[1]) == sys.argv[1]
 hits = []
 jax.monitoring.register_event_listener(

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mos_jax.data import paper_data
+from mos_jax.data import paper_sets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # P3 stand-in: subsets with (train rows, where), quota 50 per subset.
@@ -68,7 +68,7 @@ def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp('prep')
   src = write_sources(str(root / 'sources'))
   out = str(root / 'seed0')
-  manifest = paper_data.prepare_paper(out, seed=0, local_sources=src, dev=20, per_task=PER_TASK,
+  manifest = paper_sets.prepare_paper(out, seed=0, local_sources=src, dev=20, per_task=PER_TASK,
                                       log=lambda s: None)
   return src, out, manifest, root
 
@@ -119,11 +119,11 @@ def formats_ok(record):
 def test_same_seed_same_bytes_other_seed_other_sample(prepared):
   src, out, _, root = prepared
   again = str(root / 'again')
-  paper_data.prepare_paper(again, seed=0, local_sources=src, dev=20, per_task=PER_TASK,
+  paper_sets.prepare_paper(again, seed=0, local_sources=src, dev=20, per_task=PER_TASK,
                            log=lambda s: None)
   assert _files(again) == _files(out)
   other = str(root / 'seed1')
-  paper_data.prepare_paper(other, seed=1, local_sources=src, dev=20, per_task=PER_TASK,
+  paper_sets.prepare_paper(other, seed=1, local_sources=src, dev=20, per_task=PER_TASK,
                            names=['math'], log=lambda s: None)
   assert _lines(f'{other}/math/train.jsonl') != _lines(f'{out}/math/train.jsonl')
   assert len(_lines(f'{other}/math/train.jsonl')) == 40
@@ -131,7 +131,7 @@ def test_same_seed_same_bytes_other_seed_other_sample(prepared):
 
 def test_p3_takes_at_most_its_quota_per_subset(prepared):
   src = prepared[0]
-  pool = paper_data._p3_pool('nlp', src['nlp'], PER_TASK, 0, lambda s: None)  # pylint: disable=protected-access
+  pool = paper_sets._p3_pool('nlp', src['nlp'], PER_TASK, 0, lambda s: None)  # pylint: disable=protected-access
   per_task = collections.Counter(r['task'] for r in pool)
   assert per_task == {t: min(n, PER_TASK) for t, (n, _) in P3_TASKS.items()}
   assert len({(r['task'], r['inputs']) for r in pool}) == len(pool)  # Distinct examples.
@@ -145,10 +145,10 @@ def test_p3_takes_at_most_its_quota_per_subset(prepared):
 
 def test_missing_source_names_dataset_and_flag(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"'general'.*--source general=PATH"):
-    paper_data.prepare_paper(str(tmp_path), local_sources={'general': str(tmp_path / 'nope')},
+    paper_sets.prepare_paper(str(tmp_path), local_sources={'general': str(tmp_path / 'nope')},
                              names=['general'], log=lambda s: None)
   with pytest.raises(FileNotFoundError, match=r"'nlp'.*--source nlp=PATH"):
-    paper_data.prepare_paper(str(tmp_path), names=['nlp'], log=lambda s: None)
+    paper_sets.prepare_paper(str(tmp_path), names=['nlp'], log=lambda s: None)
 
 
 def test_command_prints_counts_next_to_table_1(prepared, tmp_path):
@@ -182,13 +182,14 @@ def _tiny(config, tmp_path, **train):
 
 
 def test_paper_recipe_on_prepared_folder_trains_two_steps(prepared, tmp_path):
-  from mos_jax import cli, trainer
+  from mos_jax.infra import cli
+  from mos_jax import training
   _, out, manifest, _ = prepared
   config = cli.load_config(os.path.join(REPO, 'configs', 'paper.py:qwen-diff'),
                            [f'--config.data.root={out}', '--config.mixing.update_every=1'])
   total = sum(m['train'] for m in manifest['datasets'].values())
   config = _tiny(config, tmp_path, epochs=7 / total)
-  run = trainer.build(config, str(tmp_path / 'run'))
+  run = training.build(config, str(tmp_path / 'run'))
   try:
     # An epoch is a pass in packed rows (the recipe packs), fewer than the examples.
     rows = sum(run.data.train.rows_per_epoch())
@@ -196,7 +197,7 @@ def test_paper_recipe_on_prepared_folder_trains_two_steps(prepared, tmp_path):
     for name, m in manifest['datasets'].items():  # Train file whole, dev from dev.jsonl.
       assert run.data.stats[name]['train_examples'] == m['train'], name
       assert run.data.stats[name]['dev_examples'] == m['dev'], name
-    trainer.train(run)
+    training.train(run)
   finally:
     run.data.close()
   steps = [json.loads(line)['step'] for line in open(tmp_path / 'run' / 'metrics.jsonl')]

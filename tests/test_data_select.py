@@ -11,7 +11,7 @@ import pytest
 
 from demo_run import demo_config
 from mos_jax.config import dataset
-from mos_jax.data import selection
+from mos_jax.data import ifd as selection
 
 SIZES = {'alpha': 30, 'beta': 45}
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -51,11 +51,11 @@ def selected(tmp_path_factory):
 
 def test_ifd_equals_hand_computation(selected):
   """IFD from the batched, padded, masked passes == exp(NLL(A|Q) - NLL(A)) from unpadded forwards."""
-  from mos_jax import trainer
+  from mos_jax.models.build import build_model
   from mos_jax.data import bundle as bundle_lib
   config, out, _ = selected
   data = bundle_lib.build_data(config)
-  model = trainer.build_model(config, None, len(data.tokenizer))
+  model = build_model(config, None, len(data.tokenizer))
   start = data.tokenizer.bos_token_id
   start = data.tokenizer.eos_token_id if start is None else start
 

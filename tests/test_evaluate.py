@@ -13,18 +13,18 @@ import torch
 import transformers
 
 from demo_run import REPO, demo_config
-from mos_jax import evaluation
-from mos_jax import generation
-from mos_jax import metrics as metrics_lib
-from mos_jax import mtbench
-from mos_jax import skills
+from mos_jax.evals import tasks as tasks_lib
+from mos_jax.inference import sampler
+from mos_jax.workdir import metrics as metrics_lib
+from mos_jax.evals import mtbench
+from mos_jax.evals import skills
 
 # --- Aggregations on hand-made results ----------------------------------------------------------
 
 
 def _mmlu_results(rng):
   results, n_samples = {}, {}
-  for s in evaluation.MMLU_SUBJECTS:
+  for s in tasks_lib.MMLU_SUBJECTS:
     results[f'mmlu_{s}'] = {'acc,none': float(rng.uniform(0.2, 0.8)), 'alias': s}
     n_samples[f'mmlu_{s}'] = {'original': 500, 'effective': int(rng.integers(50, 400))}
   return results, n_samples
@@ -32,7 +32,7 @@ def _mmlu_results(rng):
 
 def test_mmlu_categories_by_hand():
   results, n = _mmlu_results(np.random.default_rng(0))
-  got = evaluation.mmlu_summary(results, n)
+  got = tasks_lib.mmlu_summary(results, n)
 
   def by_hand(subjects):
     acc = [results[f'mmlu_{s}']['acc,none'] for s in subjects]
@@ -42,38 +42,38 @@ def test_mmlu_categories_by_hand():
           'high_school_mathematics', 'high_school_statistics']
   medicine = ['anatomy', 'clinical_knowledge', 'college_medicine', 'medical_genetics',
               'nutrition', 'professional_medicine', 'virology']
-  others = [s for s in evaluation.MMLU_SUBJECTS if s not in math + medicine]
+  others = [s for s in tasks_lib.MMLU_SUBJECTS if s not in math + medicine]
   assert len(others) == 45
   assert got['mmlu/mathematics'] == pytest.approx(by_hand(math))
   assert got['mmlu/medicine'] == pytest.approx(by_hand(medicine))
   assert got['mmlu/others'] == pytest.approx(by_hand(others))
-  assert got['mu_MU'] == got['mmlu/all'] == pytest.approx(by_hand(evaluation.MMLU_SUBJECTS))
+  assert got['mu_MU'] == got['mmlu/all'] == pytest.approx(by_hand(tasks_lib.MMLU_SUBJECTS))
   # A partial MMLU run reports its categories but no mu_MU.
   del results['mmlu_virology']
-  assert 'mu_MU' not in evaluation.mmlu_summary(results, n)
+  assert 'mu_MU' not in tasks_lib.mmlu_summary(results, n)
 
 
 def test_math_summary_and_mu_both():
   results, n = _mmlu_results(np.random.default_rng(1))
   results['gsm8k'] = {'exact_match,strict-match': 0.30, 'exact_match,flexible-extract': 0.35}
   results['hendrycks_math'] = {'exact_match,none': 0.10}
-  got = evaluation.math_summary(results, n)
-  mmlu_math = evaluation.mmlu_summary(results, n)['mmlu/mathematics']
+  got = tasks_lib.math_summary(results, n)
+  mmlu_math = tasks_lib.mmlu_summary(results, n)['mmlu/mathematics']
   assert got['mmlu_math'] == pytest.approx(mmlu_math)
   assert got['mu_all'] == pytest.approx((30.0 + 10.0 + mmlu_math) / 3)
-  assert evaluation.mu_both({'mu_MU': 50.0, 'mu_MB': 6.0}) == {'mu_BOTH': 55.0}
-  assert evaluation.mu_both({'mu_MU': 50.0}) == {}
+  assert tasks_lib.mu_both({'mu_MU': 50.0, 'mu_MB': 6.0}) == {'mu_BOTH': 55.0}
+  assert tasks_lib.mu_both({'mu_MU': 50.0}) == {}
 
 
 def test_task_names_are_checked(tmp_path):
   known = lambda: ['gsm8k', 'mmlu', 'arc_easy']
   with pytest.raises(ValueError, match="unknown task 'gsm8kk'.*gsm8k"):
-    evaluation.plan(['gsm8kk'], None, known)
+    tasks_lib.plan(['gsm8kk'], None, known)
   with pytest.raises(FileNotFoundError, match='nowhere.jsonl'):
-    evaluation.plan(['mtbench:nowhere.jsonl'], None, known)
-  items = evaluation.plan(['arc_easy', 'paper_math', 'skills'], 3, known)
-  assert items[0] == evaluation.LmEvalRun(('arc_easy',), 3)
-  assert evaluation.LmEvalRun(('gsm8k',), 5) in items and 'skills' in items
+    tasks_lib.plan(['mtbench:nowhere.jsonl'], None, known)
+  items = tasks_lib.plan(['arc_easy', 'paper_math', 'skills'], 3, known)
+  assert items[0] == tasks_lib.LmEvalRun(('arc_easy',), 3)
+  assert tasks_lib.LmEvalRun(('gsm8k',), 5) in items and 'skills' in items
 
 
 # --- MT-bench -----------------------------------------------------------------------------------
@@ -194,10 +194,10 @@ def test_malformed_questions_and_replies(tmp_path):
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('eval_run')
-  from mos_jax import trainer
+  from mos_jax import training
   config = demo_config(tmp, train__steps=4, train__eval_every=0, train__eval_batches=0,
                        train__log_every=2, train__checkpoint_every=4, mixing__strategy='static')
-  trainer.train(trainer.build(config, str(tmp / 'run')))
+  training.train(training.build(config, str(tmp / 'run')))
   return config, str(tmp / 'run')
 
 
@@ -212,7 +212,7 @@ def test_skills_and_lm_eval_task_written_to_the_run(run, tmp_path):
       f'task: tiny_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n'
       'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\n'
       'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n')
-  record = evaluation.evaluate(config, workdir, ['skills', 'tiny_sums'], limit=3,
+  record = tasks_lib.evaluate(config, workdir, ['skills', 'tiny_sums'], limit=3,
                                include_path=str(tasks), batch_size=4)
   saved = json.loads(open(os.path.join(workdir, 'eval', '4.json')).read())
   assert saved['step'] == 4 and saved['summary'] == pytest.approx(record['summary'])
@@ -253,10 +253,10 @@ def test_mtbench_answers_then_unreachable_judge(run, tmp_path):
   questions.write_text(''.join(json.dumps(q) + '\n' for q in QUESTIONS))
   prompts = tmp_path / 'judge_prompts.jsonl'
   prompts.write_text(''.join(json.dumps(p) + '\n' for p in JUDGE_PROMPTS))
-  judge = evaluation.Judge(url='http://127.0.0.1:9/v1', model='gpt-4', prompts=str(prompts),
+  judge = tasks_lib.Judge(url='http://127.0.0.1:9/v1', model='gpt-4', prompts=str(prompts),
                            max_new_tokens=8)
   out = tmp_path / 'out.json'
-  record = evaluation.evaluate(config, workdir, [f'mtbench:{questions}', 'skills'], limit=2,
+  record = tasks_lib.evaluate(config, workdir, [f'mtbench:{questions}', 'skills'], limit=2,
                                judge=judge, out_path=str(out))
   assert 'unreachable' in record['errors']['mtbench']
   assert 'skills/exact_match' in record['summary']  # The other task still ran.
@@ -292,14 +292,15 @@ def test_generate_command(run, tmp_path):
 
 def test_exported_run_generates_the_same_tokens_in_transformers(run, tmp_path):
   config, workdir = run
-  from mos_jax import export, inference
+  from mos_jax import export
+  from mos_jax.inference import loaded as loaded_lib
   export.export(config, workdir, str(tmp_path / 'hf'))
-  loaded = inference.load(config, workdir)
-  gen = inference.generator(loaded)
+  loaded = loaded_lib.load(config, workdir)
+  gen = loaded_lib.generator(loaded)
   prompts = [gen.chat_prompt([{'role': 'user', 'content': t}])
              for t in ('What is 12+7?', 'Name the capital of Kalomi.')]
   ids = [loaded.tokenizer(p, add_special_tokens=False)['input_ids'] for p in prompts]
-  ours = generation.Generator(loaded.model, loaded.tokenizer, stop_ids=[]).generate_ids(ids, 12)
+  ours = sampler.Generator(loaded.model, loaded.tokenizer, stop_ids=[]).generate_ids(ids, 12)
 
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf', dtype=torch.float32)
   for prompt_ids, got in zip(ids, ours):
@@ -320,12 +321,12 @@ def test_eval_tasks_during_training(tmp_path):
       f'task: tiny_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n'
       'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\n'
       'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n')
-  from mos_jax import trainer
+  from mos_jax import training
   config = demo_config(tmp_path, train__steps=2, train__eval_every=2, train__eval_batches=1,
                        train__log_every=2, mixing__strategy='static',
                        train__eval_tasks=('skills', 'tiny_sums'), train__eval_task_limit=2,
                        train__eval_task_path=str(tasks))
-  trainer.train(trainer.build(config, str(tmp_path / 'run')))
+  training.train(training.build(config, str(tmp_path / 'run')))
   lines = metrics_lib.read_metrics(str(tmp_path / 'run' / 'metrics.jsonl'))
   for line in (lines[0], lines[-1]):  # Step 0 and the last step.
     assert 0.0 <= line['eval/skills/exact_match'] <= 1.0
@@ -335,15 +336,15 @@ def test_eval_tasks_during_training(tmp_path):
 
 def test_generate_interactive_chat_keeps_the_history(run, monkeypatch):
   import io
-  from mos_jax import ask
+  from mos_jax.inference import chat as ask
   config, workdir = run
   seen = []
-  original = generation.Generator.chat
+  original = sampler.Generator.chat
 
   def spy(self, conversations, *args, **kwargs):
     seen.append([list(c) for c in conversations])
     return original(self, conversations, *args, **kwargs)
-  monkeypatch.setattr(generation.Generator, 'chat', spy)
+  monkeypatch.setattr(sampler.Generator, 'chat', spy)
   out = io.StringIO()
   ask.run(config, workdir, None, None, None, ask.Options(max_new_tokens=3),
           stdin=io.StringIO('hello\nand more\n\nignored\n'), out=out)

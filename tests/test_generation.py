@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from mos_jax import generation
+from mos_jax.inference import sampler
 from mos_jax import models
 from mos_jax.models import ModelConfig
 
@@ -57,7 +57,7 @@ def _greedy_by_recompute(model, prompts, steps):
                                          ('llama', True)])
 def test_cache_decoding_equals_recomputing(family, scan):
   model = models.init_model(_config(family, scan_layers=scan), seed=3)
-  gen = generation.Generator(model, _tokenizer_stub(), stop_ids=[])
+  gen = sampler.Generator(model, _tokenizer_stub(), stop_ids=[])
   got = gen.generate_ids(PROMPTS, max_new_tokens=12)
   # Each prompt alone and unpadded, recomputed from scratch at every step.
   assert got == _greedy_by_recompute(model, PROMPTS, 12)
@@ -81,9 +81,9 @@ def test_cache_logits_equal_full_forward_with_left_padding():
 
 def test_stop_tokens_end_rows_early():
   model = models.init_model(_config('llama'), seed=3)
-  free = generation.Generator(model, _tokenizer_stub(), stop_ids=[]).generate_ids(PROMPTS, 10)
+  free = sampler.Generator(model, _tokenizer_stub(), stop_ids=[]).generate_ids(PROMPTS, 10)
   stop = free[0][3]  # The 4th token of row 0 becomes a stop token.
-  got = generation.Generator(model, _tokenizer_stub(), stop_ids=[stop]).generate_ids(PROMPTS, 10)
+  got = sampler.Generator(model, _tokenizer_stub(), stop_ids=[stop]).generate_ids(PROMPTS, 10)
   for row, ref in zip(got, free):
     cut = ref.index(stop) if stop in ref else len(ref)
     assert row == ref[:cut]
@@ -93,14 +93,14 @@ def test_stop_tokens_end_rows_early():
 def test_sampling_filters():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 512, jnp.float32))
   keys = jax.random.key(0)
-  greedy = generation.sample(logits, keys, generation.Sampling())
+  greedy = sampler.sample(logits, keys, sampler.Sampling())
   assert set(greedy.tolist()) == {0}
-  topk = generation.sample(logits, keys, generation.Sampling(temperature=1.0, top_k=2))
+  topk = sampler.sample(logits, keys, sampler.Sampling(temperature=1.0, top_k=2))
   assert set(topk.tolist()) == {0, 1}
   # top_p 0.6: tokens 0 (0.5) and 1 (0.5 + 0.3 reaches it) are kept, 2 and 3 never drawn.
-  topp = generation.sample(logits, keys, generation.Sampling(temperature=1.0, top_p=0.6))
+  topp = sampler.sample(logits, keys, sampler.Sampling(temperature=1.0, top_p=0.6))
   assert set(topp.tolist()) == {0, 1}
-  full = generation.sample(logits, keys, generation.Sampling(temperature=1.0))
+  full = sampler.sample(logits, keys, sampler.Sampling(temperature=1.0))
   assert set(full.tolist()) == {0, 1, 2, 3}
   frac0 = float(np.mean(np.asarray(full) == 0))
   assert abs(frac0 - 0.5) < 0.08
@@ -108,8 +108,8 @@ def test_sampling_filters():
 
 def test_sampled_generation_depends_on_seed_only():
   model = models.init_model(_config('gemma'), seed=0)
-  gen = generation.Generator(model, _tokenizer_stub(), stop_ids=[])
-  hot = generation.Sampling(temperature=1.5)
+  gen = sampler.Generator(model, _tokenizer_stub(), stop_ids=[])
+  hot = sampler.Sampling(temperature=1.5)
   a = gen.generate_ids(PROMPTS, 8, hot, seed=1)
   assert a == gen.generate_ids(PROMPTS, 8, hot, seed=1)
   assert a != gen.generate_ids(PROMPTS, 8, hot, seed=2)
@@ -127,7 +127,7 @@ def test_greedy_tokens_equal_transformers_generate(tmp_path):
         p.add_(0.5 * torch.randn_like(p))
   torch_model.save_pretrained(tmp_path)
   model = models.load_hf(tmp_path)
-  got = generation.Generator(model, _tokenizer_stub(), stop_ids=[]).generate_ids(PROMPTS, 16)
+  got = sampler.Generator(model, _tokenizer_stub(), stop_ids=[]).generate_ids(PROMPTS, 16)
 
   width = max(map(len, PROMPTS))
   ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS])
@@ -143,19 +143,21 @@ _SHARDED = r'''
 import jax, json, sys
 import numpy as np
 assert jax.device_count() == 4
-from mos_jax import generation, models, sharding
+from mos_jax.inference import sampler
+from mos_jax import models
+from mos_jax.infra import sharding
 from mos_jax.models import ModelConfig
 import types
 config = ModelConfig(family='qwen2', vocab_size=97, hidden_size=32, intermediate_size=48,
                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
 tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
 prompts = json.loads(sys.argv[1])
-single = generation.Generator(models.init_model(config, 5), tok, stop_ids=[])
+single = sampler.Generator(models.init_model(config, 5), tok, stop_ids=[])
 out = {'single': single.generate_ids(prompts, 10)}
 for shape in ((1, 4, 1), (2, 1, 2)):
   mesh = sharding.make_mesh(dict(zip(('data', 'fsdp', 'tensor'), shape)))
   model = models.init_model(config, 5, mesh=mesh)
-  out[str(shape)] = generation.Generator(model, tok, mesh=mesh, stop_ids=[]).generate_ids(prompts, 10)
+  out[str(shape)] = sampler.Generator(model, tok, mesh=mesh, stop_ids=[]).generate_ids(prompts, 10)
 print(json.dumps(out))
 '''
 

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mos_jax import cli, config_doc, recipes
-from mos_jax.checkpoint import Checkpointer
-from mos_jax.sharding import sharded_abstract
+from mos_jax.infra import cli
+from mos_jax import config_doc
+from mos_jax.config import recipes
+from mos_jax.workdir.checkpoint import Checkpointer
+from mos_jax.infra.sharding import sharded_abstract
 from mos_jax.config import base_config, config_to_json
-from mos_jax.metrics import MetricsWriter, read_metrics
-from mos_jax.plots import write_plots
+from mos_jax.workdir.metrics import MetricsWriter, read_metrics
+from mos_jax.workdir.plots import write_plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -162,8 +164,8 @@ def test_checkpoint_restores_onto_another_sharding(tmp_path):
 _MESH_MOVE = """
 import sys, jax, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from mos_jax.checkpoint import Checkpointer
-from mos_jax.sharding import sharded_abstract
+from mos_jax.workdir.checkpoint import Checkpointer
+from mos_jax.infra.sharding import sharded_abstract
 four = jax.make_mesh((4,), ('fsdp',), devices=jax.devices()[:4])
 w = jax.device_put(np.arange(32.0).reshape(8, 4), NamedSharding(four, P('fsdp')))
 with Checkpointer(sys.argv[1], keep=1, async_save=True) as ckpt:
@@ -210,7 +212,7 @@ def _keys(config, prefix=''):
 
 def test_recipes_are_shipped():
   names = {os.path.basename(p) for p in RECIPES}
-  assert {'paper.py', 'mospec_math.py', 'paper_llama_diff.py'} <= names
+  assert names == {'demo.py', 'paper.py', 'mospec_math.py'}  # Variants: paper.py:<variant>.
   assert len(_variants(os.path.join(REPO, 'configs', 'paper.py'))) == 6
 
 

@@ -18,8 +18,8 @@ lm_eval = pytest.importorskip('lm_eval')
 from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
 
 from mos_jax import config as config_lib
-from mos_jax import inference
-from mos_jax import lm_eval_model
+from mos_jax.inference import loaded as loaded_lib
+from mos_jax.evals import lm_eval_model
 from mos_jax.data import demo
 
 WORDS = ['plant', 'river', 'stone', 'cloud', 'apple', 'tiger', 'window', 'garden', 'silver',
@@ -122,7 +122,7 @@ def test_same_results_as_lm_eval_hf_model(setup):
   config = config_lib.base_config()
   config.model.hf_checkpoint = str(folder)
   config.mesh.fsdp = 1
-  ours_lm = lm_eval_model.MosJaxLM(loaded=inference.load(config), batch_size=4,
+  ours_lm = lm_eval_model.MosJaxLM(loaded=loaded_lib.load(config), batch_size=4,
                                    max_length=MAX_LENGTH)
   ours = _run(ours_lm, task_manager)
 
@@ -164,7 +164,7 @@ def test_chat_template_matches_the_tokenizer(setup):
   config = config_lib.base_config()
   config.model.hf_checkpoint = str(folder)
   config.mesh.fsdp = 1
-  lm = lm_eval_model.MosJaxLM(loaded=inference.load(config))
+  lm = lm_eval_model.MosJaxLM(loaded=loaded_lib.load(config))
   chat = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'red or blue?'}]
   tok = transformers.AutoTokenizer.from_pretrained(folder)
   assert lm.apply_chat_template(chat) == tok.apply_chat_template(

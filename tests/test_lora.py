@@ -15,8 +15,13 @@ import transformers
 from flax import nnx
 
 from mos_jax import models
-from mos_jax import steps
-from mos_jax import trainer
+from mos_jax.steps import sft
+from mos_jax.steps import state as state_lib
+from mos_jax import training
+from mos_jax.workdir import metrics as metrics_lib
+from mos_jax.infra import distributed
+from mos_jax.steps import reward as reward_lib
+from mos_jax.steps import reference_cache
 from mos_jax.models import lora
 from demo_run import demo_config, resume_after_crash, train_crashing
 
@@ -145,10 +150,10 @@ def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
                             train__log_every=2, train__eval_every=4, train__eval_batches=1)
   config.mixing.update_every = 2
   straight = str(tmp_path / 'straight')
-  run = trainer.build(config, straight)
+  run = training.build(config, straight)
   base_before = jax.device_get(run.frozen)
   adapters_before = jax.device_get(run.state.params)
-  trainer.train(run)
+  training.train(run)
   final_straight = jax.tree.leaves(jax.device_get(run.state))
   # The frozen base is bit-identical after training; every B moved off zero; AdamW holds
   # moments for the adapters only.
@@ -162,15 +167,15 @@ def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
   assert sum(x.size for x in moments) == 2 * adapter_count
 
   resumed = str(tmp_path / 'resumed')
-  run = trainer.build(copy.deepcopy(config), resumed)
+  run = training.build(copy.deepcopy(config), resumed)
   train_crashing(run, 5)  # Dies in step 6, after the checkpoint at step 4.
-  run = trainer.build(copy.deepcopy(config), resumed)
+  run = training.build(copy.deepcopy(config), resumed)
   assert run.start_step == 4
-  trainer.train(run)
+  training.train(run)
   for a, b in zip(final_straight, jax.tree.leaves(jax.device_get(run.state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   lines = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
-                     for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+                     for r in metrics_lib.read_metrics(d + '/metrics.jsonl')]
   assert lines(straight) == lines(resumed)
   assert any('reward/' in k for line in lines(resumed) for k in line)
 
@@ -178,7 +183,7 @@ def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
   other = copy.deepcopy(config)
   other.model.dtype = 'bfloat16'
   with pytest.raises(ValueError, match='another base model'):
-    trainer.build(other, resumed)
+    training.build(other, resumed)
 
   # Export: the PEFT tensors are the checkpoint's adapters in [out, in] layout.
   from mos_jax import export
@@ -196,13 +201,13 @@ def test_diff_base_reference_equals_device_and_cache_at_step_0(tmp_path):
   for reference in ('base', 'device', 'cache'):
     config = _lora_run_config(tmp_path, train__steps=2, train__eval_batches=1)
     config.mixing.diff_reference = reference
-    run = trainer.build(config, str(tmp_path / reference))
-    batch = trainer._stack_reward_batches(run.data.train.reward_batches(), run.data.names)
+    run = training.build(config, str(tmp_path / reference))
+    batch = reward_lib.stack_reward_batches(run.data.train.reward_batches(), run.data.names)
     if run.reference_tables is not None:
-      batch['nll0'] = trainer.reference_lib.lookup(run.reference_tables, run.data.names, batch)
+      batch['nll0'] = reference_cache.lookup(run.reference_tables, run.data.names, batch)
     with jax.set_mesh(run.mesh):
       out = jax.device_get(run.reward_fn(run.state.params, {
-          'train': trainer.distributed.host_local_to_global(batch, run.mesh)}))
+          'train': distributed.host_local_to_global(batch, run.mesh)}))
     nll0[reference] = np.asarray(out['nll0'])
     if reference == 'base':  # At step 0 the adapters are zero: theta == theta_0 exactly.
       np.testing.assert_array_equal(out['nll'], out['nll0'])
@@ -249,7 +254,7 @@ def test_qlora_forward_within_tolerance_and_trains_adapters(quantize, qlora_base
   # Gradients reach every adapter through the quantized base (B starts at zero, so A's gradient
   # is zero at step 0: only B is checked).
   params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
-  loss = lambda p: steps.merge(graphdef, p, frozen)(jnp.asarray(tokens)).logits.std()
+  loss = lambda p: state_lib.merge(graphdef, p, frozen)(jnp.asarray(tokens)).logits.std()
   grads = jax.jit(jax.grad(loss))(params)
   for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
     if 'lora_b' in jax.tree_util.keystr(path):
@@ -260,14 +265,14 @@ SHARDED_SCRIPT = '''
 import json, sys
 import jax
 from ml_collections import config_dict
-from mos_jax import trainer
+from mos_jax import training
 assert jax.device_count() == 8
 config = config_dict.ConfigDict(json.loads(sys.argv[1]))
 config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2
-run = trainer.build(config, sys.argv[2])
+run = training.build(config, sys.argv[2])
 big = [x for x in jax.tree.leaves(run.frozen) if x.size >= 64 * 64]
 assert big and all(not x.sharding.is_fully_replicated for x in big)
-trainer.train(run)
+training.train(run)
 '''
 
 
@@ -282,7 +287,7 @@ def test_sharded_qlora_matches_one_device(tmp_path):
   config.model.quantize = 'nf4'
   config.model.lora.dropout = 0.1  # The masks of sharded activations are the one-device masks.
   config.mixing.update_every = 1
-  trainer.train(trainer.build(copy.deepcopy(config), str(tmp_path / 'one')))
+  training.train(training.build(copy.deepcopy(config), str(tmp_path / 'one')))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
   done = subprocess.run([sys.executable, '-c', SHARDED_SCRIPT, config.to_json(),
@@ -290,7 +295,7 @@ def test_sharded_qlora_matches_one_device(tmp_path):
                         text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-4000:]
   read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
-                    for r in trainer.metrics_lib.read_metrics(str(tmp_path / d / 'metrics.jsonl'))]
+                    for r in metrics_lib.read_metrics(str(tmp_path / d / 'metrics.jsonl'))]
   one, mesh = read('one'), read('mesh')
   assert [r['step'] for r in one] == [r['step'] for r in mesh]
   assert any(k.startswith('reward/') for k in one[-1])
@@ -306,11 +311,11 @@ def test_lora_runs_mospec_cossim_and_static(tmp_path):
                               train__eval_batches=1)
     config.mixing.strategy, config.mixing.reward, config.mixing.target = strategy, reward, 'math'
     config.mixing.update_every = 1
-    run = trainer.build(config, str(tmp_path / strategy))
+    run = training.build(config, str(tmp_path / strategy))
     before = jax.device_get(run.state.params)
-    summary = trainer.train(run)
+    summary = training.train(run)
     assert summary
-    lines = trainer.metrics_lib.read_metrics(str(tmp_path / strategy / 'metrics.jsonl'))
+    lines = metrics_lib.read_metrics(str(tmp_path / strategy / 'metrics.jsonl'))
     assert any(k.startswith('reward/') for k in lines[-1]) == (strategy == 'mospec')
     assert all(np.isfinite(line['train/loss']) for line in lines if 'train/loss' in line)
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), before,
@@ -344,11 +349,11 @@ def test_lora_dropout_drops_the_adapter_input_at_rate_p(scan_layers, remat, monk
   batch = {'tokens': jnp.asarray(tokens), 'targets': jnp.asarray(np.roll(tokens, -1, 1)),
            'positions': jnp.broadcast_to(jnp.arange(32), (4, 32)),
            'segment_ids': jnp.ones((4, 32), jnp.int32), 'loss_mask': jnp.ones((4, 32))}
-  nll = jax.jit(lambda p_, key: steps._forward_nll(graphdef, p_, batch, frozen, key)[0].sum())  # pylint: disable=protected-access
+  nll = jax.jit(lambda p_, key: sft.forward_nll(graphdef, p_, batch, frozen, key)[0].sum())
 
   deterministic = float(nll(params, None))
   assert masks == []  # No key: qwix's dropout is never called.
-  key = steps.dropout_key(0, 5)
+  key = sft.dropout_key(0, 5)
   dropped = float(nll(params, key))
   if remat != 'none':  # Through the scan and remat's recomputation, as in training.
     jax.grad(nll)(params, key)
@@ -371,7 +376,7 @@ def test_lora_dropout_drops_the_adapter_input_at_rate_p(scan_layers, remat, monk
   assert {(m[1] != 0).tobytes() for m in masks} == patterns
   masks.clear()
   assert float(nll(params, key)) == dropped
-  assert float(nll(params, steps.dropout_key(0, 6))) != dropped
+  assert float(nll(params, sft.dropout_key(0, 6))) != dropped
 
 
 def test_lora_dropout_run_trains_differently_evaluates_deterministically_resumes_exactly(tmp_path):
@@ -389,13 +394,13 @@ def test_lora_dropout_run_trains_differently_evaluates_deterministically_resumes
 
   runs, lines = {}, {}
   read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
-                    for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+                    for r in metrics_lib.read_metrics(d + '/metrics.jsonl')]
   for dropout in (0.0, 0.5):
-    runs[dropout] = trainer.build(config_for(dropout), str(tmp_path / f'p{dropout}'))
+    runs[dropout] = training.build(config_for(dropout), str(tmp_path / f'p{dropout}'))
     if not dropout:  # One batch from every dataset, for the reward and eval forwards below.
-      batch = trainer._stack_reward_batches(runs[dropout].data.train.reward_batches(),
+      batch = reward_lib.stack_reward_batches(runs[dropout].data.train.reward_batches(),
                                             runs[dropout].data.names)
-    trainer.train(runs[dropout])
+    training.train(runs[dropout])
     lines[dropout] = [r for r in read(str(tmp_path / f'p{dropout}')) if 'train/loss' in r]
   assert lines[0.0][0]['train/loss'] == lines[0.5][0]['train/loss']
   # Warm-up starts at lr 0, so B is still 0 in step 2 as well: the dropped input meets a zero
@@ -406,7 +411,7 @@ def test_lora_dropout_run_trains_differently_evaluates_deterministically_resumes
   params = runs[0.5].state.params  # Trained with dropout: B is non-zero.
   plain, dropped = runs[0.0], runs[0.5]
   with jax.set_mesh(plain.mesh):
-    batch = trainer.distributed.host_local_to_global(batch, plain.mesh)
+    batch = distributed.host_local_to_global(batch, plain.mesh)
     outs = [jax.device_get(r.reward_fn(params, {'train': batch})) for r in (plain, dropped)]
     evals = [jax.device_get(r.eval_fn(params, batch)) for r in (plain, dropped)]
   for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
@@ -419,11 +424,11 @@ def test_lora_dropout_run_trains_differently_evaluates_deterministically_resumes
     run.checkpointer.close()
 
   resumed = str(tmp_path / 'resumed')
-  run = trainer.build(config_for(0.5), resumed)
+  run = training.build(config_for(0.5), resumed)
   train_crashing(run, 4)  # Dies in step 5, after the checkpoint at step 3.
-  run = trainer.build(config_for(0.5), resumed)
+  run = training.build(config_for(0.5), resumed)
   assert run.start_step == 3
-  trainer.train(run)
+  training.train(run)
   for a, b in zip(final_straight, jax.tree.leaves(jax.device_get(run.state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert read(str(tmp_path / 'p0.5')) == read(resumed)
@@ -521,24 +526,26 @@ def test_lora_run_generates_the_tokens_of_its_merged_export(tmp_path):
   """A trained LoRA run (dropout on in training, adapters on some projections only) generates,
   through qwix and the KV cache, the greedy tokens of its merged model and of transformers'
   generate on the exported merged folder; the adapters change what the base would say."""
-  from mos_jax import export, generation, inference
+  from mos_jax import export
+  from mos_jax.inference import sampler
+  from mos_jax.inference import loaded as loaded_lib
   config = _lora_run_config(tmp_path, train__steps=6, train__checkpoint_every=6,
                             train__log_every=3, train__eval_every=0, train__eval_batches=1)
   config.train.lr = 0.05  # Adapters far enough from zero to change greedy tokens.
   config.model.lora.dropout = 0.1
   config.model.lora.targets = '.*/(q|v|o|down)_proj'
   workdir = str(tmp_path / 'run')
-  trainer.train(trainer.build(copy.deepcopy(config), workdir))
-  loaded = inference.load(copy.deepcopy(config), workdir)
-  gen = inference.generator(loaded)
+  training.train(training.build(copy.deepcopy(config), workdir))
+  loaded = loaded_lib.load(copy.deepcopy(config), workdir)
+  gen = loaded_lib.generator(loaded)
   ids = [loaded.tokenizer(gen.chat_prompt([{'role': 'user', 'content': t}]),
                           add_special_tokens=False)['input_ids']
          for t in ('What is 12+7?', 'Name the capital of Kalomi.')]
-  greedy = lambda model: generation.Generator(model, loaded.tokenizer, stop_ids=[]).generate_ids(
+  greedy = lambda model: sampler.Generator(model, loaded.tokenizer, stop_ids=[]).generate_ids(
       ids, 12)
   ours = greedy(loaded.model)
   assert greedy(lora.merged_model(loaded.model, config.model.lora)) == ours
-  base = inference.load(copy.deepcopy(config)).model  # The same base, no adapters.
+  base = loaded_lib.load(copy.deepcopy(config)).model  # The same base, no adapters.
   assert greedy(base) != ours
 
   export.export(copy.deepcopy(config), workdir, str(tmp_path / 'hf'))
@@ -554,12 +561,12 @@ def test_qlora_generates_with_the_kv_cache(qlora_base):
   """QLoRA decoding (quantized o_proj in the cache path too) gives the greedy tokens of the
   whole sequence recomputed through the merged (dequantized + adapters) model."""
   import types
-  from mos_jax import generation
+  from mos_jax.inference import sampler
   lc = _lora_config()
   adapted = lora.add_adapters(models.load_hf(qlora_base, scan_layers=True), lc, 'int8')
   _random_adapters(adapted, 4)
   stub = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
-  got = generation.Generator(adapted, stub, stop_ids=[]).generate_ids([[5, 17, 33, 2], [44, 3]], 8)
+  got = sampler.Generator(adapted, stub, stop_ids=[]).generate_ids([[5, 17, 33, 2], [44, 3]], 8)
   merged = lora.merged_model(adapted, lc)
   for prompt, out in zip([[5, 17, 33, 2], [44, 3]], got):
     buf = list(prompt)
@@ -582,10 +589,10 @@ def test_lora_runs_the_rival_strategies(strategy, tmp_path):
     config.mixing.prior_temperature = 1.0  # As in test_train_strategies: the smoothing towards
     config.mixing.doremi_smoothing = 0.5  # uniform moves it even when the excess loss is 0.
   straight = str(tmp_path / 'straight')
-  run = trainer.build(copy.deepcopy(config), straight)
+  run = training.build(copy.deepcopy(config), straight)
   base_before = jax.device_get(run.frozen)
   adapters_before = jax.device_get(run.state.params)
-  trainer.train(run)
+  training.train(run)
   for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(run.frozen))):
     np.testing.assert_array_equal(a, b)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), adapters_before,
@@ -593,7 +600,7 @@ def test_lora_runs_the_rival_strategies(strategy, tmp_path):
   assert min(jax.tree.leaves(moved)) > 0
   final = jax.tree.leaves(jax.device_get(run.state))
   read = lambda d: [{k: v for k, v in r.items() if not k.startswith('perf/')}
-                    for r in trainer.metrics_lib.read_metrics(d + '/metrics.jsonl')]
+                    for r in metrics_lib.read_metrics(d + '/metrics.jsonl')]
   lines, names = read(straight), run.data.names
   assert all(np.isfinite(v) for line in lines for v in line.values())
   assert sum(1 for line in lines if f'reward/{names[0]}' in line) >= 3

@@ -107,7 +107,7 @@ def test_diff_mospec_multiplies_target():
 
 
 def test_example_nll_is_mean_over_response_tokens():
-  from mos_jax import loss
+  from mos_jax.models import loss
   token_nll = jnp.array([[1.0, 2.0, 3.0, 7.0], [4.0, 5.0, 6.0, 8.0]])
   mask = jnp.array([[0, 1, 1, 0], [0, 0, 0, 0]], jnp.float32)
   segments = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]], jnp.int32)

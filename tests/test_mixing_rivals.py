@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from mos_jax import models
-from mos_jax import steps
+from mos_jax.steps import sft
+from mos_jax.steps import state as state_lib
 from mos_jax.config import base_config
 from mos_jax.mixing import base, doremi, make_strategy, odm, rewards, signals, strategy_names
 
@@ -88,7 +89,7 @@ def test_multidds_identical_gradient_gives_one():
 
   # Independent reference for dataset 1: full gradients, flattened and compared in float64.
   def grad(batch):
-    g = jax.grad(lambda p: steps._sum_loss(p, graphdef, batch, 2)[0])(params)
+    g = jax.grad(lambda p: sft.sum_loss(p, graphdef, batch, 2)[0])(params)
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(g)])
   g1, gd = grad(_take(train, [1])), grad(dev)
   np.testing.assert_allclose(float(cos[1]), g1 @ gd / np.linalg.norm(g1) / np.linalg.norm(gd),
@@ -99,7 +100,7 @@ def test_multidds_identical_gradient_gives_one():
   assert sum(head) == 1
   cos_head = signals.gradient_cosines(params, train, dev, graphdef=graphdef, num_datasets=2,
                                       mask=head)
-  gh = lambda b: np.asarray(jax.grad(lambda p: steps._sum_loss(p, graphdef, b, 2)[0])(
+  gh = lambda b: np.asarray(jax.grad(lambda p: sft.sum_loss(p, graphdef, b, 2)[0])(
       params)['lm_head'], np.float64).ravel()
   h1, hd = gh(_take(train, [1])), gh(dev)
   np.testing.assert_allclose(float(cos_head[1]), h1 @ hd / np.linalg.norm(h1) / np.linalg.norm(hd),
@@ -146,7 +147,7 @@ def test_example_uncertainty_matches_numpy():
   batch = _rows(np.random.default_rng(2), 3)
   batch['loss_mask'][:, :4] = 0.0
   ent, nll, valid = signals.example_uncertainty(graphdef, params, batch)
-  model = steps.merge(graphdef, params)
+  model = state_lib.merge(graphdef, params)
   logits = np.asarray(model(batch['tokens'], positions=batch['positions'],
                             segment_ids=batch['segment_ids']).logits, np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \

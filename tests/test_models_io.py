@@ -11,7 +11,8 @@ import torch
 import transformers
 from flax import nnx
 
-from mos_jax import models, sharding
+from mos_jax import models
+from mos_jax.infra import sharding
 from mos_jax.models import hf_io
 from mos_jax.models.decoder import abstract_model
 

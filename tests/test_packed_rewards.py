@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mos_jax import loss as loss_lib
+from mos_jax.models import loss as loss_lib
 from mos_jax import models
-from mos_jax import reference
-from mos_jax import steps
-from mos_jax import trainer
+from mos_jax.steps import reference_cache
+from mos_jax.steps import sft
 from mos_jax.data import pipeline
 from mos_jax.mixing import base
 from mos_jax.mixing import rewards
-from mos_jax.mixing import signals
+from mos_jax.steps import reward as reward_lib
 
 VOCAB, LENGTH, NAMES = 48, 24, ('a', 'b')
 # Examples per dataset and how they pack into 2 rows of LENGTH tokens (lengths in positions).
@@ -53,7 +52,7 @@ def _batch(examples, packed: bool):
     batch['dataset_ids'] = np.full(len(rows), d, np.int32)
     # pylint: disable-next=protected-access
     per_dataset[name] = pipeline._with_token_example_ids(batch, rows)
-  return trainer._stack_reward_batches(per_dataset, NAMES)  # pylint: disable=protected-access
+  return reward_lib.stack_reward_batches(per_dataset, NAMES)
 
 
 @pytest.fixture(scope='module')
@@ -72,7 +71,7 @@ def setup():
 
 def _reward(setup, batch, micro_rows=0, device_reference=False):
   graphdef, params, theta0, _, _ = setup
-  fn = jax.jit(functools.partial(steps.reward_step, graphdef=graphdef, num_datasets=len(NAMES),
+  fn = jax.jit(functools.partial(reward_lib.reward_step, graphdef=graphdef, num_datasets=len(NAMES),
                                  micro_rows=micro_rows))
   return jax.device_get(fn(params, theta0 if device_reference else None, batch))
 
@@ -96,7 +95,7 @@ def test_packed_rewards_equal_unpacked(setup, micro_rows):
   *_, examples, tables = setup
   packed, unpacked = _batch(examples, True), _batch(examples, False)
   for batch in (packed, unpacked):
-    batch['nll0'] = reference.lookup(tables, NAMES, batch)
+    batch['nll0'] = reference_cache.lookup(tables, NAMES, batch)
   got = _reward(setup, packed, micro_rows)
   want = _reward(setup, unpacked)
   assert got['nll'].shape == (2, 2 * LENGTH) and want['nll'].shape == (2, 6 * LENGTH)
@@ -127,7 +126,7 @@ def test_packed_device_reference_equals_unpacked(setup):
 
 def test_packed_dev_uncertainty_equals_unpacked(setup):
   graphdef, params, _, examples, _ = setup
-  step = jax.jit(functools.partial(signals.signal_step, graphdef=graphdef, num_datasets=2,
+  step = jax.jit(functools.partial(reward_lib.signal_step, graphdef=graphdef, num_datasets=2,
                                    signals=frozenset({'dev_entropy', 'dev_nll'})))
   got = jax.device_get(step(params, None, {'dev': _batch(examples, True)}))
   want = jax.device_get(step(params, None, {'dev': _batch(examples, False)}))
@@ -142,7 +141,7 @@ def test_packed_dev_uncertainty_equals_unpacked(setup):
 def _per_row_reward(graphdef, params, theta0, batch, num_datasets):
   """The reward step as it was before segments: one example per row (kept here as a reference)."""
   def example_nll(p):
-    nll, hidden = steps._forward_nll(graphdef, p, batch)  # pylint: disable=protected-access
+    nll, hidden = sft.forward_nll(graphdef, p, batch)
     total, count = loss_lib.masked_sums(nll, batch['loss_mask'])
     return total / jnp.maximum(count, 1.0), count > 0, hidden
   per_dataset = lambda x: x.reshape((-1, num_datasets) + x.shape[1:]).swapaxes(0, 1)
@@ -186,13 +185,13 @@ def test_lookup_gives_each_tokens_example_nll(setup):
       n = LENGTHS[name][i]
       want[r, t:t + n] = tables[name][examples[name][i]['example_id']]
       t += n  # The rest of the row is padding: 0.
-  np.testing.assert_array_equal(reference.lookup(tables, NAMES, packed), want)
+  np.testing.assert_array_equal(reference_cache.lookup(tables, NAMES, packed), want)
   # Unpacked rows without token ids: each row's example id on its real tokens.
   unpacked = _batch(examples, False)
   del unpacked['token_example_ids']
   with_ids = _batch(examples, False)
-  np.testing.assert_array_equal(reference.lookup(tables, NAMES, unpacked),
-                                reference.lookup(tables, NAMES, with_ids))
+  np.testing.assert_array_equal(reference_cache.lookup(tables, NAMES, unpacked),
+                                reference_cache.lookup(tables, NAMES, with_ids))
   del packed['token_example_ids']
   with pytest.raises(ValueError, match='token_example_ids'):
-    reference.lookup(tables, NAMES, packed)
+    reference_cache.lookup(tables, NAMES, packed)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from mos_jax import metrics as metrics_lib
-from mos_jax import trainer
+from mos_jax.workdir import metrics as metrics_lib
+from mos_jax import training
 from mos_jax.data import prefetch
 from demo_run import demo_config
 
@@ -69,7 +69,7 @@ def test_training_with_and_without_prefetch_gives_identical_metrics(tmp_path):
                          train__eval_batches=1, train__checkpoint_every=0, data__prefetch=depth,
                          mixing__update_every=3)
     workdir = str(tmp_path / f'depth{depth}')
-    trainer.train(trainer.build(config, workdir))
+    training.train(training.build(config, workdir))
     lines[depth] = _lines(workdir)
   assert lines[0] == lines[2]
   assert sum('reward/' in k for line in lines[2] for k in line) >= 3  # Scorer moved at 1, 4, 7.

@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mos_jax import distributed, sharding
+from mos_jax.infra import distributed
+from mos_jax.infra import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,7 +128,8 @@ def test_distributed_plan_incomplete_explicit_settings():
 EIGHT_DEVICES = '''
 import json, jax, jax.numpy as jnp, ml_collections, numpy as np, optax
 from flax import nnx
-from mos_jax import distributed, sharding
+from mos_jax.infra import distributed
+from mos_jax.infra import sharding
 
 def spec(s, ndim):
   return [list(a) if isinstance(a, tuple) else a for a in tuple(s.spec) + (None,) * (ndim - len(s.spec))]
@@ -177,7 +179,7 @@ res['unsharded_ok'] = sharding.unsharded_large_params(
     {'params': params, 'opt': opt_state}, min_size=1000)
 # A checkpoint written on (1, 8, 1) restores onto (2, 2, 2): Orbax reshards to the target.
 import tempfile
-from mos_jax.checkpoint import Checkpointer
+from mos_jax.workdir.checkpoint import Checkpointer
 params = jax.jit(lambda t: jax.tree.map(lambda p: p * jnp.arange(p.size).reshape(p.shape), t),
                  out_shardings=param_sh)(params)
 ckpt = Checkpointer(tempfile.mkdtemp(), async_save=False)
@@ -304,7 +306,8 @@ def test_tiny_preset_is_fully_fsdp_sharded(eight):
 
 TWO_PROCESSES = '''
 import json, numpy as np, ml_collections
-from mos_jax import distributed, sharding
+from mos_jax.infra import distributed
+from mos_jax.infra import sharding
 desc = distributed.initialize()
 import jax
 pid = jax.process_index()

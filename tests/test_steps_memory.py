@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mos_jax import loss as loss_lib
+from mos_jax.models import loss as loss_lib
 from mos_jax import models
-from mos_jax import steps
+from mos_jax.steps import sft
+from mos_jax.steps import reward as reward_lib
 
 
 def _full(hidden, weight, targets, mask, vocab_first):
@@ -78,7 +79,7 @@ def test_step_loss_and_param_grads_equal_full_logits(tied):
                                          segment_ids=batch['segment_ids']).logits
     return (loss_lib.token_nll(logits, batch['targets']) * batch['loss_mask']).sum()
 
-  chunked = lambda p: steps._sum_loss(p, graphdef, batch, 2)[0]  # pylint: disable=protected-access
+  chunked = lambda p: sft.sum_loss(p, graphdef, batch, 2)[0]
   want, want_grads = jax.value_and_grad(full)(params)
   got, got_grads = jax.jit(jax.value_and_grad(chunked))(params)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -95,9 +96,9 @@ def test_reward_and_reference_passes_in_micro_batches_equal_one_pass():
   batch = _batch(np.random.default_rng(1), 8, 10, 64)  # 4 examples x 2 datasets
   outs = []
   for micro in (0, 2):
-    reward = jax.jit(lambda p, r, b, m=micro: steps.reward_step(
+    reward = jax.jit(lambda p, r, b, m=micro: reward_lib.reward_step(
         p, r, b, graphdef=graphdef, num_datasets=2, micro_rows=m))
-    nll0 = jax.jit(lambda p, b, m=micro: steps.reference_nll_step(p, b, graphdef=graphdef,
+    nll0 = jax.jit(lambda p, b, m=micro: reward_lib.reference_nll_step(p, b, graphdef=graphdef,
                                                                   micro_rows=m))
     outs.append((reward(params, reference, batch), nll0(reference, batch)))
   (one, one0), (micro, micro0) = outs
@@ -118,4 +119,4 @@ def test_reward_and_reference_passes_in_micro_batches_equal_one_pass():
     want = rewards.pooled_embedding(hidden[i::2], batch['segment_ids'][i::2])
     np.testing.assert_allclose(one['embeddings'][i], want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='reward_micro_batch=3'):
-    steps.reference_nll_step(params, batch, graphdef=graphdef, micro_rows=3)
+    reward_lib.reference_nll_step(params, batch, graphdef=graphdef, micro_rows=3)

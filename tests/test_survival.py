@@ -13,11 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from mos_jax import checkpoint as checkpoint_lib
-from mos_jax import config_check
-from mos_jax import metrics as metrics_lib
-from mos_jax import trainer
-from mos_jax import workdir_lock
+from mos_jax.workdir import checkpoint as checkpoint_lib
+from mos_jax.config import check as config_check
+from mos_jax.workdir import metrics as metrics_lib
+from mos_jax import training
+from mos_jax.workdir import lock as lock_lib
 from demo_run import REPO, demo_config
 
 
@@ -45,32 +45,32 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(t
                        train__checkpoint_every=0, train__eval_batches=1)
   config.mixing.update_every = 2
   straight = str(tmp_path / 'straight')
-  run = trainer.build(copy.deepcopy(config), straight)
-  trainer.train(run)
+  run = training.build(copy.deepcopy(config), straight)
+  training.train(run)
   params_straight = jax.tree.leaves(jax.device_get(run.state.params))
 
   workdir = str(tmp_path / 'stopped')
-  run = trainer.build(copy.deepcopy(config), workdir)
+  run = training.build(copy.deepcopy(config), workdir)
   _signal_in_step(run, 6, [signal.SIGINT])  # Mid-window: steps 5 and 6 are unlogged.
-  assert trainer.train(run) == {}
+  assert training.train(run) == {}
   assert run.stopped_by == 'Ctrl-C (SIGINT)' and run.exit_code == 130
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['6']
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # Released.
+  assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK_FILE))  # Released.
 
-  run = trainer.build(copy.deepcopy(config), workdir)
+  run = training.build(copy.deepcopy(config), workdir)
   assert run.start_step == 6
-  trainer.train(run)
+  training.train(run)
   assert _lines(workdir) == _lines(straight)
   for a, b in zip(params_straight, jax.tree.leaves(jax.device_get(run.state.params))):
     np.testing.assert_array_equal(a, b)
 
   # A second Ctrl-C aborts at once, without saving.
   again = str(tmp_path / 'aborted')
-  run = trainer.build(copy.deepcopy(config), again)
+  run = training.build(copy.deepcopy(config), again)
   _signal_in_step(run, 3, [signal.SIGINT, signal.SIGINT])
   before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs as a background job.
   with pytest.raises(KeyboardInterrupt):
-    trainer.train(run)
+    training.train(run)
   assert not os.listdir(os.path.join(again, 'checkpoints'))
   assert signal.getsignal(signal.SIGINT) is before  # Handlers put back.
 
@@ -149,7 +149,7 @@ def test_sigterm_sigint_lock_and_kill_in_real_processes(tmp_path):
   _wait_for_step(workdir, killed, interrupted + 1)
   killed.kill()
   killed.wait()
-  assert (workdir / workdir_lock.LOCK_FILE).exists()
+  assert (workdir / lock_lib.LOCK_FILE).exists()
   last = subprocess.run(_command(tmp_path, workdir, f'--config.train.steps={interrupted + 2}'),
                         env=_ENV, capture_output=True, text=True, timeout=240)
   assert last.returncode == 0, last.stderr[-2000:]
@@ -168,7 +168,7 @@ def test_nan_streak_writes_no_checkpoint_and_lower_lr_resumes(tmp_path):
                        train__eval_batches=1)
   config.mixing.strategy = 'static'
   workdir = str(tmp_path / 'nan')
-  run = trainer.build(copy.deepcopy(config), workdir)
+  run = training.build(copy.deepcopy(config), workdir)
   # From step 3 on, a NaN weight makes every loss non-finite: a streak that skips every update.
   train_fn = run.train_fn
 
@@ -180,14 +180,14 @@ def test_nan_streak_writes_no_checkpoint_and_lower_lr_resumes(tmp_path):
     return train_fn(state, batch)
 
   run.train_fn = poisoned_from_step_3
-  with pytest.raises(trainer.TrainingError, match=r'last good checkpoint is step 2\b'):
-    trainer.train(run)
+  with pytest.raises(training.TrainingError, match=r'last good checkpoint is step 2\b'):
+    training.train(run)
   assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['2']  # None during the streak.
 
   config.train.lr, config.train.steps = 1e-4, 6
-  run = trainer.build(config, workdir)
+  run = training.build(config, workdir)
   assert run.start_step == 2
-  trainer.train(run)
+  training.train(run)
   lines = [r for r in _lines(workdir) if 'train/loss' in r]
   assert [r['step'] for r in lines] == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(r['train/loss']) for r in lines)
@@ -198,7 +198,7 @@ def test_unreadable_checkpoint_is_named_and_fallback_resumes_from_older(tmp_path
   config = demo_config(tmp_path, train__steps=4, train__log_every=1, train__eval_every=0,
                        train__checkpoint_every=2, train__eval_batches=1)
   workdir = tmp_path / 'run'
-  trainer.train(trainer.build(copy.deepcopy(config), str(workdir)))
+  training.train(training.build(copy.deepcopy(config), str(workdir)))
   finished = _lines(str(workdir))
   data_file = max(glob.glob(str(workdir / 'checkpoints' / '4' / 'state' / '**' / 'd' / '*'),
                             recursive=True), key=os.path.getsize)
@@ -207,7 +207,7 @@ def test_unreadable_checkpoint_is_named_and_fallback_resumes_from_older(tmp_path
   before = sorted(os.listdir(workdir))
 
   with pytest.raises(checkpoint_lib.CheckpointUnreadable) as refused:
-    trainer.build(copy.deepcopy(config), str(workdir))
+    training.build(copy.deepcopy(config), str(workdir))
   message = str(refused.value)
   assert 'checkpoint 4' in message and str(workdir / 'checkpoints') in message
   assert 'restore_fallback=True' in message and '(2)' in message
@@ -215,10 +215,10 @@ def test_unreadable_checkpoint_is_named_and_fallback_resumes_from_older(tmp_path
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
 
   config.train.restore_fallback = True
-  run = trainer.build(config, str(workdir))
+  run = training.build(config, str(workdir))
   assert run.start_step == 2
   assert os.listdir(workdir / 'checkpoints.unreadable') == ['4']  # Set aside, not deleted.
-  trainer.train(run)
+  training.train(run)
   assert _lines(str(workdir)) == finished
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
 
@@ -232,7 +232,7 @@ def test_bad_config_values_are_all_named_before_anything_is_written(tmp_path):
   config.train.warmup_fraction = 1.5
   workdir = tmp_path / 'never'
   with pytest.raises(ValueError) as bad:
-    trainer.build(config, str(workdir))
+    training.build(config, str(workdir))
   for part in ('mixing.update_every=0 must be >= 1', 'train.lr=-1.0 must be > 0',
                'mixing.min_prob=0.3 must be <= 0.25', "model.dtype='float64'",
                'train.warmup_fraction=1.5 must be < 1'):
@@ -253,7 +253,7 @@ def test_invalid_utf8_names_dataset_file_and_line(tmp_path):
     f.writelines(lines)
   workdir = tmp_path / 'never'
   with pytest.raises(ValueError, match=rf"dataset 'math': {path}:7: not valid UTF-8 \(byte 0xff"):
-    trainer.build(copy.deepcopy(config), str(workdir))
+    training.build(copy.deepcopy(config), str(workdir))
   assert not workdir.exists()
   config.data.on_error = 'skip'
   assert build_data(config).stats['math']['skipped_records'] == 1
@@ -282,17 +282,18 @@ def test_commands_print_one_paragraph_for_expected_errors(tmp_path):
 
 def test_lock_is_exclusive_and_described(tmp_path):
   workdir = str(tmp_path / 'w')
-  with workdir_lock.WorkdirLock(workdir):
-    info = json.loads(open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read())
+  with lock_lib.WorkdirLock(workdir):
+    info = json.loads(open(os.path.join(workdir, lock_lib.LOCK_FILE)).read())
     assert info['pid'] == os.getpid()
-    with pytest.raises(workdir_lock.WorkdirInUse, match=f'pid {os.getpid()}'):
-      workdir_lock.WorkdirLock(workdir).acquire()
+    with pytest.raises(lock_lib.WorkdirInUse, match=f'pid {os.getpid()}'):
+      lock_lib.WorkdirLock(workdir).acquire()
   assert not os.path.exists(workdir)  # Created by the lock and left empty: removed again.
 
 
 _TWO_HOSTS = '''
 import json, sys, time
-from mos_jax import distributed, preemption
+from mos_jax.infra import distributed
+from mos_jax.infra import preemption
 distributed.initialize()
 import jax
 stop = preemption.StopSignals().install()

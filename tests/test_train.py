@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mos_jax import metrics as metrics_lib
+from mos_jax.workdir import metrics as metrics_lib
 from mos_jax import models
-from mos_jax import steps
-from mos_jax import trainer
+from mos_jax.steps import sft
+from mos_jax.steps import state as state_lib
+from mos_jax import training
+from mos_jax.models.build import build_model
+from mos_jax.training import loop
 from demo_run import REPO, demo_config, train_crashing
 
 def _tiny_model(vocab=64):
@@ -44,7 +47,7 @@ def _state(model, optimizer):
   graphdef, params = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(params)
   zero = jnp.zeros((), jnp.int32)
-  return graphdef, steps.TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+  return graphdef, state_lib.TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                                     mixing=(), bad_steps=zero, skipped_steps=zero)
 
 
@@ -61,7 +64,7 @@ def test_train_step_loss_and_accumulation():
   import ml_collections
   tc = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, warmup_fraction=0.1, grad_clip=1.0,
                                       b1=0.9, b2=0.999, weight_decay=0.0))
-  optimizer = steps.make_optimizer(tc)
+  optimizer = state_lib.make_optimizer(tc)
   model = _tiny_model()
   batch = _random_batch(np.random.default_rng(0), 8, 12, 64)
   logits = model(batch['tokens'], positions=batch['positions'],
@@ -71,7 +74,7 @@ def test_train_step_loss_and_accumulation():
   results = []
   for micro in (1, 4):
     graphdef, state = _state(model, optimizer)
-    fn = jax.jit(lambda s, b, m=micro: steps.train_step(
+    fn = jax.jit(lambda s, b, m=micro: sft.train_step(
         s, b, graphdef=graphdef, optimizer=optimizer, num_datasets=2, micro_batches=m))
     state, metrics = fn(state, batch)
     state, _ = fn(state, batch)  # The second step uses a non-zero learning rate.
@@ -91,7 +94,7 @@ def test_non_finite_update_is_skipped():
   import ml_collections
   tc = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, warmup_fraction=0.0, grad_clip=1.0,
                                       b1=0.9, b2=0.999, weight_decay=0.0))
-  optimizer = steps.make_optimizer(tc)
+  optimizer = state_lib.make_optimizer(tc)
   graphdef, state = _state(_tiny_model(), optimizer)
   params = state.params
   first = jax.tree_util.tree_leaves_with_path(params)[0][0]
@@ -99,7 +102,7 @@ def test_non_finite_update_is_skipped():
       lambda p, x: jnp.full_like(x, jnp.nan) if p == first else x, params)
   state = state.replace(params=poisoned)
   batch = _random_batch(np.random.default_rng(1), 4, 8, 64)
-  new, metrics = jax.jit(lambda s, b: steps.train_step(
+  new, metrics = jax.jit(lambda s, b: sft.train_step(
       s, b, graphdef=graphdef, optimizer=optimizer, num_datasets=2))(state, batch)
   assert not bool(metrics['finite'])
   assert int(new.bad_steps) == 1 and int(new.skipped_steps) == 1 and int(new.step) == 1
@@ -115,7 +118,7 @@ def _metric_lines(workdir):
 def _resume_config(tmp_path):
   return demo_config(tmp_path, train__steps=8, train__checkpoint_every=4, train__log_every=2,
                      train__eval_every=4, train__eval_batches=1,
-                     train__async_checkpoints=True)  # Saves overlap the donated next steps.
+                     train__async_checkpoints=True)  # Saves overlap the donated next sft.
 
 
 @pytest.mark.parametrize('saved_by', [1, 2], ids=['same-processes', 'other-process-count'])
@@ -126,12 +129,12 @@ def test_resume_gives_identical_metrics_and_params(tmp_path, saved_by):
   # Scorer updates at every step: the checkpoint at step 4 follows one (and the prefetcher's hold).
   config.mixing.update_every = 1
   straight = str(tmp_path / 'straight')
-  run = trainer.build(config, straight)
-  trainer.train(run)
+  run = training.build(config, straight)
+  training.train(run)
   final_straight = jax.tree.leaves(jax.device_get(run.state))
 
   resumed = str(tmp_path / 'resumed')
-  run = trainer.build(copy.deepcopy(config), resumed)
+  run = training.build(copy.deepcopy(config), resumed)
   train_crashing(run, 5)  # Dies in step 6, after the checkpoint at step 4.
   if saved_by == 2:
     data = os.path.join(resumed, 'checkpoints', '4', 'data')
@@ -140,9 +143,9 @@ def test_resume_gives_identical_metrics_and_params(tmp_path, saved_by):
     for p in range(2):
       with open(os.path.join(data, f'process_{p}-of-2.json'), 'w') as f:
         f.write(state)
-  run = trainer.build(copy.deepcopy(config), resumed)
+  run = training.build(copy.deepcopy(config), resumed)
   assert run.start_step == 4
-  trainer.train(run)
+  training.train(run)
   final_resumed = jax.tree.leaves(jax.device_get(run.state))
 
   assert _metric_lines(straight) == _metric_lines(resumed)
@@ -158,13 +161,13 @@ def test_diff_reward_is_one_at_start_cache_matches_device(tmp_path):
     config.mixing.diff_reference = reference
     config.mixing.ema = False
     config.mixing.update_every = 1000  # One scorer update, after step 1 (Algorithm 1, t = 0).
-    run = trainer.build(config, str(tmp_path / reference))
+    run = training.build(config, str(tmp_path / reference))
     initial_mixing = run.state.mixing
     with jax.set_mesh(run.mesh):
-      trainer.update_mixture(run)
+      loop.update_mixture(run)
     at_start = np.asarray(jax.device_get(run.state.mixing.last_reward))
     run.state = run.state.replace(mixing=initial_mixing)  # Both runs then train alike.
-    trainer.train(run)
+    training.train(run)
     assert int(run.state.mixing.updates) == 1
     rewards[reference] = np.asarray(jax.device_get(run.state.mixing.last_reward))
     if reference == 'device':
@@ -183,8 +186,8 @@ def test_static_strategy_keeps_prior_and_computes_no_rewards(tmp_path):
   config.mixing.strategy = 'static'
   config.mixing.prior_temperature = 1.0
   workdir = str(tmp_path / 'static')
-  run = trainer.build(config, workdir)
-  trainer.train(run)
+  run = training.build(config, workdir)
+  training.train(run)
   lines = _metric_lines(workdir)
   sizes = np.asarray(run.data.sizes, np.float64)
   for name, size in zip(run.data.names, sizes):
@@ -194,7 +197,7 @@ def test_static_strategy_keeps_prior_and_computes_no_rewards(tmp_path):
   # Resuming onto different data is refused, and the checkpoint stays.
   config.data.max_len = 96
   with pytest.raises(ValueError, match='changed since the checkpoint'):
-    trainer.build(config, workdir)
+    training.build(config, workdir)
   assert os.listdir(os.path.join(workdir, 'checkpoints'))
 
 
@@ -202,8 +205,8 @@ def test_demo_loss_falls_over_50_steps(tmp_path):
   config = demo_config(tmp_path, train__steps=50, train__log_every=10, train__eval_every=0,
                        train__checkpoint_every=0, train__eval_batches=1)
   workdir = str(tmp_path / 'fifty')
-  run = trainer.build(config, workdir)
-  summary = trainer.train(run)
+  run = training.build(config, workdir)
+  summary = training.train(run)
   losses = [r['train/loss'] for r in _metric_lines(workdir) if 'train/loss' in r]
   assert losses[-1] < 0.8 * losses[0], losses
   for name, d in summary['datasets'].items():
@@ -214,13 +217,13 @@ def test_too_many_non_finite_updates_stop_the_run(tmp_path):
   config = demo_config(tmp_path, train__steps=30, train__lr=1e30, train__max_bad_steps=3,
                        train__warmup_fraction=0.0, train__checkpoint_every=0)
   config.mixing.strategy = 'static'
-  with pytest.raises(trainer.TrainingError, match='non-finite'):
-    trainer.train(trainer.build(config, str(tmp_path / 'bad')))
+  with pytest.raises(training.TrainingError, match='non-finite'):
+    training.train(training.build(config, str(tmp_path / 'bad')))
 
   # Below the limit, skipped steps are counted and left out of the logged loss.
   config.train.steps, config.train.max_bad_steps, config.train.log_every = 4, 100, 2
   workdir = str(tmp_path / 'bad_but_going')
-  trainer.train(trainer.build(config, workdir))
+  training.train(training.build(config, workdir))
   lines = [r for r in _metric_lines(workdir) if 'train/loss' in r]
   assert np.isfinite(lines[0]['train/loss'])  # Step 1 is finite, step 2 blows up.
   assert np.isnan(lines[1]['train/loss']) and lines[1]['train/skipped_steps'] == 3
@@ -264,7 +267,7 @@ def test_train_command_end_to_end(tmp_path):
   assert wrong.returncode != 0 and 'train.lrr' in wrong.stderr + wrong.stdout
 
   # Export: transformers (PyTorch) loads the folder and computes the logits of the checkpoint.
-  from mos_jax import cli
+  from mos_jax.infra import cli
   from mos_jax import export
   overrides = [a for a in base + paths if a.startswith('--config.')] + ['--config.train.steps=4']
   config = cli.load_config(f'{REPO}/configs/demo.py', overrides)
@@ -272,7 +275,7 @@ def test_train_command_end_to_end(tmp_path):
   metrics_before = (workdir / 'metrics.jsonl').read_text()
   assert export.export(config, str(workdir), str(out)) == 4
   assert (workdir / 'metrics.jsonl').read_text() == metrics_before  # Export only reads.
-  run = trainer.build(config, str(workdir))
+  run = training.build(config, str(workdir))
   batch = next(iter(run.data.dev_batches(names[0])))
   ours = nnx.merge(run.graphdef, run.state.params)(
       batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids']).logits
@@ -297,8 +300,8 @@ def test_other_rewards_run_end_to_end(tmp_path, strategy, reward):
   if strategy == 'mospec':
     config.mixing.target = 'math'
   workdir = str(tmp_path / f'{strategy}-{reward}')
-  run = trainer.build(config, workdir)
-  trainer.train(run)
+  run = training.build(config, workdir)
+  training.train(run)
   last = [r for r in _metric_lines(workdir) if 'reward/math' in r][-1]
   raw = np.array([last[f'reward_raw/{n}'] for n in run.data.names])
   if reward == 'cossim':  # Mean cosine of mean-pooled hidden states, itself included.
@@ -320,8 +323,8 @@ def test_buckets_with_reward_and_dev_batches(tmp_path, strategy):
   config.mixing.strategy, config.mixing.update_every = strategy, 1
   config.mixing.diff_reference = 'cache'
   workdir = str(tmp_path / strategy)
-  run = trainer.build(config, workdir)
-  trainer.train(run)
+  run = training.build(config, workdir)
+  training.train(run)
   last = [r for r in _metric_lines(workdir) if 'reward/math' in r][-1]
   assert all(np.isfinite(last[f'reward_raw/{n}']) for n in run.data.names)
 
@@ -329,16 +332,16 @@ def test_buckets_with_reward_and_dev_batches(tmp_path, strategy):
 def test_model_vocab_size_sizes_a_presets_embedding_table(tmp_path):
   """model.vocab_size pads a preset's table past the tokenizer (as released checkpoints are
   padded); fewer rows than tokens, or the key with a checkpoint, is refused by name."""
-  from mos_jax import config_check
+  from mos_jax.config import check as config_check
   from mos_jax.data import build_data
   config = demo_config(tmp_path)
   tokens = len(build_data(config).tokenizer)  # The demo tokenizer: 512.
   config.model.vocab_size = 1000
-  model = trainer.build_model(config, None, tokens)
+  model = build_model(config, None, tokens)
   assert model.embed[...].shape[0] == model.config.vocab_size == 1000
   config.model.vocab_size = tokens - 1
   with pytest.raises(ValueError, match='model.vocab_size'):
-    trainer.build_model(config, None, tokens)
+    build_model(config, None, tokens)
   config.model.vocab_size, config.model.hf_checkpoint = 1000, str(tmp_path)
   with pytest.raises(ValueError, match='model.vocab_size=1000.*sizes a preset only'):
     config_check.validate(config)

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from mos_jax import metrics as metrics_lib
-from mos_jax import trainer
+from mos_jax.workdir import metrics as metrics_lib
+from mos_jax import training
 from demo_run import REPO, demo_config
 
 MESHES = [(1, 8, 1), (2, 2, 2), (1, 4, 2)]  # FSDP only; data x fsdp x tensor; fsdp x tensor.
@@ -21,7 +21,7 @@ MESHES = [(1, 8, 1), (2, 2, 2), (1, 4, 2)]  # FSDP only; data x fsdp x tensor; f
 SCRIPT = textwrap.dedent('''
     import json, os, shutil, sys
     import jax
-    from mos_jax import trainer
+    from mos_jax import training
     from ml_collections import config_dict
     assert jax.device_count() == 8, jax.devices()
     config = config_dict.ConfigDict(json.loads(sys.argv[1]))
@@ -29,17 +29,17 @@ SCRIPT = textwrap.dedent('''
     for mesh in json.loads(sys.argv[3]):
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
       workdir = os.path.join(out, 'mesh_%d_%d_%d' % tuple(mesh))
-      trainer.train(trainer.build(config, workdir))
+      training.train(training.build(config, workdir))
     moved = os.path.join(out, 'moved')
     shutil.copytree(os.path.join(out, 'mesh_2_2_2'), moved)
     shutil.rmtree(os.path.join(moved, 'checkpoints', '4'))
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 8, 1
-    run = trainer.build(config, moved)
+    run = training.build(config, moved)
     assert run.start_step == 2, run.start_step
-    trainer.train(run)
+    training.train(run)
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 3, 1, 1
     try:
-      trainer.build(config, os.path.join(out, 'bad_mesh'))
+      training.build(config, os.path.join(out, 'bad_mesh'))
     except ValueError as e:
       print('MESH ERROR:', e)
 ''')
@@ -65,7 +65,7 @@ def test_meshes_match_one_device_and_checkpoints_move_between_meshes(tmp_path):
   config.mixing.update_every = 1  # The mixture moves every step, so it is compared too.
   reference_dir = str(tmp_path / 'one_device')
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 1, 1
-  trainer.train(trainer.build(config, reference_dir))
+  training.train(training.build(config, reference_dir))
   reference = _comparable(reference_dir)
   assert any(k.startswith('reward/') for k in reference[-1])
 

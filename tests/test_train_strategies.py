@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from mos_jax import metrics as metrics_lib
-from mos_jax import trainer
+from mos_jax.workdir import metrics as metrics_lib
+from mos_jax import training
 from demo_run import demo_config, resume_after_crash
 
 
@@ -28,8 +28,8 @@ def test_strategy_trains_and_resumes_exactly(tmp_path, strategy):
     config.mixing.prior_temperature = 1.0  # Starts proportional: the smoothing towards uniform
     config.mixing.doremi_smoothing = 0.5  # moves it visibly even when the excess loss is 0.
   straight = str(tmp_path / 'straight')
-  run = trainer.build(config, straight)
-  trainer.train(run)
+  run = training.build(config, straight)
+  training.train(run)
   final = jax.tree.leaves(jax.device_get(run.state))
   names = run.data.names
 

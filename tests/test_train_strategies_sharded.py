@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from mos_jax import metrics as metrics_lib
-from mos_jax import trainer
+from mos_jax.workdir import metrics as metrics_lib
+from mos_jax import training
 from demo_run import REPO, demo_config
 
 STRATEGIES = ['multidds', 'multiuat']
@@ -19,14 +19,14 @@ STRATEGIES = ['multidds', 'multiuat']
 SCRIPT = textwrap.dedent('''
     import json, os, sys
     import jax
-    from mos_jax import trainer
+    from mos_jax import training
     from ml_collections import config_dict
     assert jax.device_count() == 8, jax.devices()
     config = config_dict.ConfigDict(json.loads(sys.argv[1]))
     for strategy in json.loads(sys.argv[3]):
       config.mixing.strategy = strategy
       config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
-      trainer.train(trainer.build(config, os.path.join(sys.argv[2], strategy)))
+      training.train(training.build(config, os.path.join(sys.argv[2], strategy)))
 ''')
 
 
@@ -45,7 +45,7 @@ def test_rival_strategies_sharded_equal_one_device(tmp_path):
   for strategy in STRATEGIES:
     config.mixing.strategy = strategy
     workdir = str(tmp_path / 'one' / strategy)
-    trainer.train(trainer.build(config, workdir))
+    training.train(training.build(config, workdir))
     references[strategy] = _rows(workdir)
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
          'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}

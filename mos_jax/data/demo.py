@@ -22,6 +22,9 @@ import tempfile
 
 from absl import flags
 
+from mos_jax import config as config_lib
+from mos_jax.infra import cli
+
 VERSION = 1  # Bump when the generated content changes, so old folders are regenerated.
 TOKENIZER_SUBDIR = 'tokenizer'
 VOCAB_SIZE = 512
@@ -250,7 +253,6 @@ def tokenizer_dir(out_dir: str) -> str:
 
 def config_entries(out_dir: str) -> dict:
   """`config.data.datasets` entries for the four skills in `out_dir` (files made on first use)."""
-  from mos_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   return {name: config_lib.dataset(path=os.path.join(out_dir, f'{name}.jsonl'), format=s.format,
                                    dev_examples=s.dev_examples)
           for name, s in SKILLS.items()}
@@ -268,5 +270,4 @@ if __name__ == '__main__':
   # Defined here, not at import: build_data imports this module inside other programs.
   flags.DEFINE_string('out', None, 'Folder to write the demo skills and tokenizer into.',
                       required=True)
-  from mos_jax import cli  # pylint: disable=g-import-not-at-top
   cli.run(main, 'data.demo', required=('out',))

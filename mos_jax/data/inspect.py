@@ -11,8 +11,9 @@ spending accelerator hours; bad data fails here with the file and line.
 import numpy as np
 from absl import flags
 
-from mos_jax import cli
+from mos_jax.config import check as config_check
 from mos_jax.data import bundle as bundle_lib
+from mos_jax.infra import cli
 
 _COLUMNS = (('train_examples', 'train'), ('dev_examples', 'dev'), ('tokens', 'tokens'),
             ('mean_prompt_len', 'prompt'), ('mean_response_len', 'response'),
@@ -77,7 +78,6 @@ def report(bundle, fractions: dict[str, float] | None = None,
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  from mos_jax import config_check  # pylint: disable=g-import-not-at-top
   config_check.validate(config)
   config.data.num_workers = 0  # Nothing is iterated here: no worker processes.
   bundle = bundle_lib.build_data(config)

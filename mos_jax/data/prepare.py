@@ -10,8 +10,8 @@ and prints the counts next to Table 1's. The same arguments reproduce the files 
 
 from absl import flags
 
-from mos_jax import cli
-from mos_jax.data import paper_data
+from mos_jax.infra import cli
+from mos_jax.data import paper_sets
 
 _OUT = flags.DEFINE_string('out', None, 'Output folder.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of every draw.')
@@ -21,7 +21,7 @@ _SOURCE = flags.DEFINE_multi_string(
 _FRACTION = flags.DEFINE_float('fraction', 0.1, 'Share of each dataset kept for training.')
 _DEV = flags.DEFINE_integer('dev', 1000, 'Dev examples per dataset, drawn outside the training set.')
 _PER_TASK = flags.DEFINE_integer('p3_per_task', 1000, 'P3 examples drawn per subset first.')
-_DATASETS = flags.DEFINE_list('datasets', list(paper_data.PAPER), 'Datasets to prepare.')
+_DATASETS = flags.DEFINE_list('datasets', list(paper_sets.PAPER), 'Datasets to prepare.')
 
 
 def _sources(specs) -> dict[str, str]:
@@ -38,10 +38,10 @@ def main(argv):
   if argv[1:] != ['paper']:
     raise ValueError('usage: python -m mos_jax.data.prepare paper --out DIR [--seed S] '
                          '[--source name=PATH ...]')
-  manifest = paper_data.prepare_paper(
+  manifest = paper_sets.prepare_paper(
       _OUT.value, seed=_SEED.value, local_sources=_sources(_SOURCE.value),
       fraction=_FRACTION.value, dev=_DEV.value, per_task=_PER_TASK.value, names=_DATASETS.value)
-  print(paper_data.table(manifest))
+  print(paper_sets.table(manifest))
 
 
 if __name__ == '__main__':

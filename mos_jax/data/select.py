@@ -13,7 +13,7 @@ RANDOM rows). Running it again on the same OUT resumes the scoring.
 
 from absl import flags
 
-from mos_jax import cli
+from mos_jax.infra import cli
 
 _CONFIG = cli.define_config_flag()
 _METHOD = flags.DEFINE_enum('method', 'ifd', ['ifd', 'random'], 'Selection method.')
@@ -26,10 +26,10 @@ _BATCH = flags.DEFINE_integer('batch_size', 0, 'Examples per scoring batch (0 = 
 
 def main(argv):
   del argv
-  from mos_jax.data import selection  # Imported after flag parsing: it pulls in jax.
+  from mos_jax.data import ifd  # Imported after flag parsing: it pulls in jax.
   config = _CONFIG.value
   config.data.num_workers = 0  # Only finite in-order passes: no worker processes.
-  selection.select(config, _METHOD.value, _KEEP.value, _OUT.value, seed=_SEED.value,
+  ifd.select(config, _METHOD.value, _KEEP.value, _OUT.value, seed=_SEED.value,
                    batch_size=_BATCH.value, progress=config.train.progress_bar)
 
 

@@ -1,7 +1,7 @@
 """The strategy interface: what a mixing strategy declares and what the training loop calls.
 
 A strategy declares the *signals* it needs (names in `SIGNALS`); the reward step
-(`mos_jax.mixing.signals.signal_step`) computes exactly those in one jit every
+(`mos_jax.steps.sft.reward.signal_step`) computes exactly those in one jit every
 `mixing.update_every` steps, and `make_update` turns them into a new mixing state. A strategy may
 also move its state after every train step from that step's own metrics (`after_train_step`,
 jitted into the train step). The loop only calls these methods: it never looks at a strategy's
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 # Every signal the reward step can compute. N datasets, D hidden; per-example signals are per
 # packed example (segment): [N, b * L] for b rows of L tokens per dataset, with a valid mask that
-# marks the slots holding an example with trained tokens (steps.segments_per_dataset).
+# marks the slots holding an example with trained tokens (steps.reward.segments_per_dataset).
 SIGNALS = {
     'embeddings': 'pooled last hidden state of each train reward batch, theta [N, D]',
     'nll': 'per-example mean token NLL on the train reward batches, theta [N, b * L] (+ valid)',
@@ -103,7 +103,7 @@ class Strategy:
     raise NotImplementedError(f'strategy {self.name!r} has no reward step.')
 
   def after_train_step(self, state, metrics: dict) -> Any:
-    """Pure: the state after a train step with `metrics` (steps.train_step's). Default: as is."""
+    """Pure: the state after a train step with `metrics` (steps.sft.train_step's). Default: as is."""
     del metrics
     return state
 

@@ -70,7 +70,7 @@ def diff(nll: jax.Array, nll0: jax.Array, valid: jax.Array, target: int | None =
   """Eq. 10: R(i) = mean over valid examples of PPL(theta) / PPL(theta_0) = exp(nll - nll0).
 
   nll, nll0 [N, B] are per-example mean token NLLs under the current and the initial model (B
-  example slots per dataset: a row's segments, steps.reward_step); valid [N, B] marks the slots
+  example slots per dataset: a row's segments, steps.reward.reward_step); valid [N, B] marks the slots
   that hold an example with trained tokens. A dataset with no valid example gets the neutral
   reward 1.
   MoSpec: the target dataset's reward is multiplied by `factor` (the paper doubles it).

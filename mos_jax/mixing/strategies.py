@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from typing import Sequence
 
@@ -112,9 +113,8 @@ class MoS(ScorerStrategy):
 
 def _load_all_strategies() -> None:
   """Imports every module of mos_jax.mixing, so each strategy file registers itself."""
-  import mos_jax.mixing as package  # pylint: disable=g-import-not-at-top
-  for info in pkgutil.iter_modules(package.__path__):
-    importlib.import_module(f'{package.__name__}.{info.name}')
+  for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
+    importlib.import_module(f'{__package__}.{info.name}')
 
 
 def strategy_names() -> tuple[str, ...]:

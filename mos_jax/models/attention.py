@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mos_jax import sharding as sharding_lib
+from mos_jax.infra import sharding as sharding_lib
 
 IMPLS = (None, 'xla', 'cudnn', 'triton', 'splash')
 _BLOCK = 128  # Pallas tiles: sequences are padded to a multiple of this (or a power of two below).

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mos_jax import loss as loss_lib
-from mos_jax import sharding as sharding_lib
+from mos_jax.models import loss as loss_lib
+from mos_jax.infra import sharding as sharding_lib
 from mos_jax.models import kv_cache
 from mos_jax.models import attention as attention_lib
 from mos_jax.models.config import ModelConfig
@@ -40,7 +40,7 @@ class DecoderOutput(NamedTuple):
 
 
 def _param(value, *names):
-  # Logical axis names only; mos_jax.sharding maps them to mesh axes in one table.
+  # Logical axis names only; mos_jax.infra.sharding maps them to mesh axes in one table.
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
@@ -289,7 +289,7 @@ class Decoder(nnx.Module):
 
   def logits(self, hidden):
     """[B, L, D] -> [B, L, V] float32 (the whole vocabulary at once; losses use
-    mos_jax.loss.chunked_token_nll instead)."""
+    mos_jax.models.loss.chunked_token_nll instead)."""
     weight, vocab_first = self.head_weight()
     return loss_lib.lm_head(hidden, weight, vocab_first, self.config.dtype)
 

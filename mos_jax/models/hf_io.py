@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mos_jax import sharding as sharding_lib
+from mos_jax.infra import sharding as sharding_lib
 from mos_jax.models.config import ModelConfig
 from mos_jax.models.decoder import Decoder, abstract_model
 from mos_jax.models.safetensors_file import SafetensorsReader, write_safetensors

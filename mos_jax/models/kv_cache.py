@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mos_jax import sharding as sharding_lib
+from mos_jax.infra import sharding as sharding_lib
 
 
 class KVCache(NamedTuple):

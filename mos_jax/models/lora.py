@@ -32,6 +32,9 @@ from flax import nnx
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
+from mos_jax.infra import sharding
+from mos_jax.models.decoder import Decoder, abstract_model
+
 QUANTIZE = ('none', 'int8', 'int4', 'nf4')
 # Projections qwix may adapt, our weight name -> the HF module name (PEFT's target_modules).
 HF_MODULES = {'q_proj': 'self_attn.q_proj', 'k_proj': 'self_attn.k_proj',
@@ -200,7 +203,6 @@ def _stacked_adapters(model, lora_config, quantize: str, seed: int, names):
   own initialisers; with `quantize`, each layer's projection weights are quantized the way qwix
   quantizes the probe's (its HowToQuantize), stacked the same way. Inside the scan qwix then
   finds them and only computes with them. `names`: the adapted weights (in every layer)."""
-  from mos_jax.models.decoder import Decoder
   c = model.config
   one = c.replace(scan_layers=False, num_layers=1)
   probe_targets = frozenset((f'layers/0/{PROJECTIONS[n]}', n) for n in names)
@@ -273,7 +275,6 @@ def merged_model(model, lora_config):
 
   A quantized base is dequantized first, so QLoRA runs export in the parameter dtype.
   """
-  from mos_jax.models.decoder import Decoder
   scale = float(lora_config.alpha) / int(lora_config.rank)
   plain = nnx.eval_shape(lambda: Decoder(model.config, rngs=nnx.Rngs(0)))
   flat = {}
@@ -356,14 +357,12 @@ def save_peft(model, lora_config, path: str, base_model: str = '', overwrite: bo
 
 
 def frozen_shardings(model_config, frozen, mesh):
-  """NamedShardings of the frozen base (pure dict) by the rule table of mos_jax.sharding.
+  """NamedShardings of the frozen base (pure dict) by the rule table of mos_jax.infra.sharding.
 
   Plain weights keep their parameters' logical axes; a quantized weight's `qvalue` and `scale`
   (qwix: `<weight>/array/{qvalue,scale}`) take the weight's axes, a dimension that the mesh
   does not divide (a scale's reduced axis) staying whole.
   """
-  from mos_jax import sharding
-  from mos_jax.models.decoder import abstract_model
   names = {}
   for path, var in nnx.to_flat_state(nnx.state(abstract_model(model_config), nnx.Param)):
     names[tuple(path)] = var.get_metadata().get('out_sharding')
