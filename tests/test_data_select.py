@@ -11,7 +11,7 @@ import pytest
 
 from demo_run import demo_config
 from mos_jax.config import dataset
-from mos_jax.data import ifd as selection
+from mos_jax.data import ifd
 
 SIZES = {'alpha': 30, 'beta': 45}
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -45,7 +45,7 @@ def selected(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('select')
   config = _config(tmp)
   out = str(tmp / 'ifd')
-  manifest = selection.select(config, 'ifd', 0.2, out, progress=False, log=lambda s: None)
+  manifest = ifd.select(config, 'ifd', 0.2, out, progress=False, log=lambda s: None)
   return config, out, manifest
 
 
@@ -85,9 +85,9 @@ def test_keeps_exactly_the_top_fraction(selected):
   config, out, manifest = selected
   for name, n in SIZES.items():
     rows = _lines(f'{out}/{name}/scores.jsonl')
-    ifd = np.array([r['ifd'] for r in rows])
+    scores = np.array([r['ifd'] for r in rows])
     k = int(0.2 * n)
-    top = set(np.argsort(-ifd, kind='stable')[:k])
+    top = set(np.argsort(-scores, kind='stable')[:k])
     assert {r['example'] for r in rows if r['kept']} == top
     kept = _lines(f'{out}/{name}/train.jsonl')
     assert len(kept) == manifest['datasets'][name]['train'] == k
@@ -95,7 +95,7 @@ def test_keeps_exactly_the_top_fraction(selected):
     indices = [int(r['messages'][0]['content'].split(':')[0].split()[1]) for r in kept]
     assert indices == sorted(top)
     assert _lines(f'{out}/{name}/dev.jsonl')[0]['messages'][1]['content'] == f'{name} dev'
-    assert min(ifd[list(top)]) >= max(np.delete(ifd, list(top)))
+    assert min(scores[list(top)]) >= max(np.delete(scores, list(top)))
 
 
 def test_scoring_resumes_from_the_cache(selected, tmp_path):
@@ -108,7 +108,7 @@ def test_scoring_resumes_from_the_cache(selected, tmp_path):
   first['cond'][0] += 1.0  # A marker: a resumed run reads this batch instead of recomputing it.
   with open(os.path.join(again, 'scores', 'beta.cache.jsonl'), 'w') as f:
     f.write('\n'.join([lines[0], json.dumps(first), lines[2][:15]]))  # + a cut line.
-  selection.select(config, 'ifd', 0.2, again, progress=False, log=lambda s: None)
+  ifd.select(config, 'ifd', 0.2, again, progress=False, log=lambda s: None)
   before, after = (_lines(f'{d}/beta/scores.jsonl') for d in (out, again))
   marked = first['ids'][0]
   assert after[marked]['nll_answer_given_instruction'] == pytest.approx(
@@ -122,7 +122,7 @@ def test_scoring_resumes_from_the_cache(selected, tmp_path):
 
 def test_random_keeps_a_seeded_fraction(selected, tmp_path):
   config = selected[0]
-  runs = {s: selection.select(config, 'random', 0.2, str(tmp_path / f'r{s}'), seed=s,
+  runs = {s: ifd.select(config, 'random', 0.2, str(tmp_path / f'r{s}'), seed=s,
                               log=lambda x: None) for s in (0, 1)}
   for name, n in SIZES.items():
     kept = [_lines(tmp_path / f'r{s}' / name / 'train.jsonl') for s in (0, 1)]
@@ -137,10 +137,10 @@ def test_scores_on_a_2x2_mesh_equal_one_device(selected, tmp_path):
   sharded = str(tmp_path / 'sharded')
   script = '\n'.join([
       'import pathlib, sys', f'sys.path.insert(0, {TESTS!r})',
-      'from test_data_select import _config', 'from mos_jax.data import selection',
+      'from test_data_select import _config', 'from mos_jax.data import ifd',
       f'config = _config(pathlib.Path({str(tmp_path)!r}))',
       'config.mesh.data, config.mesh.fsdp = 2, 2',
-      f'selection.select(config, "ifd", 0.2, {sharded!r}, progress=False, log=print)'])
+      f'ifd.select(config, "ifd", 0.2, {sharded!r}, progress=False, log=print)'])
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
          'PYTHONPATH': os.path.dirname(TESTS)}
   run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True)

@@ -256,7 +256,7 @@ def test_unknown_override_names_the_key():
 
 
 def test_command_line_error_is_one_clear_line():
-  main = ('from absl import app; from mos_jax import cli; c = cli.define_config_flag(); '
+  main = ('from absl import app; from mos_jax.infra import cli; c = cli.define_config_flag(); '
           'app.run(lambda argv: print(c.value.train.lr), flags_parser=cli.parse_flags)')
   recipe = os.path.join(REPO, 'configs', 'paper.py') + ':qwen-diff'
   run = subprocess.run([sys.executable, '-c', main, f'--config={recipe}',

@@ -137,8 +137,8 @@ def run(main, command: str, required=('config',), log_in_workdir: bool = False) 
     echo = flags.FLAGS['alsologtostderr'].value or flags.FLAGS['logtostderr'].value
     console.setup(command, echo=echo, debug=flags.FLAGS['verbosity'].value >= 1,
                   log_in_workdir=log_in_workdir)
-    _check_required(required, command)
     try:
+      _check_required(required, command)  # Inside: its message is logged to the file too.
       return main(argv)
     except KeyboardInterrupt:
       log.info('Interrupted.', exc_info=True, extra={'terminal': False})

@@ -11,6 +11,8 @@ nothing into its workdir. `--alsologtostderr` (absl's flag) sends every record t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -131,15 +133,31 @@ def setup(command: str, echo: bool = False, debug: bool = False,
   for name in ('absl', 'transformers', 'datasets', 'huggingface_hub'):
     logging.getLogger(name).setLevel(level)
   logging.captureWarnings(True)
-  try:  # Import the libraries' logging set-up now, so that its handlers can be taken off.
-    import transformers.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
-    import datasets  # pylint: disable=g-import-not-at-top
-    import huggingface_hub.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
+  _import_libraries_quietly(echo)
+  _quiet_library_handlers()
+
+
+def _import_libraries_quietly(echo: bool) -> None:
+  """Imports the libraries' logging set-up now, so that its handlers can be taken off.
+
+  transformers logs at import (without torch: 'PyTorch was not found...') through a stderr
+  handler it makes in that same import: what they print meanwhile goes to the log file instead.
+  """
+  printed = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(printed):
+      import transformers.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
+      import datasets  # pylint: disable=g-import-not-at-top
+      import huggingface_hub.utils.logging  # pylint: disable=g-import-not-at-top,unused-import
     if not echo:
       datasets.disable_progress_bars()
   except ImportError:
     pass
-  _quiet_library_handlers()
+  # Their handlers hold the buffer as their stream; they are removed next (_quiet_library_handlers).
+  for line in printed.getvalue().splitlines():
+    if line.strip():
+      logging.getLogger('mos_jax.infra.console').info('(library import) %s', line,
+                                                      extra={'terminal': echo})
 
 
 def say(text: str) -> None:
