@@ -85,12 +85,12 @@ def bench_mmlu(model, questions=64, words=60, batch_size=16):
   from mos_jax.inference import loaded as loaded_lib
   from mos_jax.evals import lm_eval_model
   from mos_jax.infra import sharding  # pylint: disable=g-import-not-at-top
-  from mos_jax.data import demo  # pylint: disable=g-import-not-at-top
+  from mos_jax.data import demo_skills  # pylint: disable=g-import-not-at-top
   tmp = tempfile.mkdtemp()
   vocab = ['plant', 'river', 'stone', 'cloud', 'apple', 'tiger', 'window', 'garden', 'silver']
   r = random.Random(0)
   phrase = lambda n: ' '.join(r.choice(vocab) for _ in range(n))
-  demo.build_tokenizer({'x': [{'t': phrase(20)} for _ in range(200)]}, os.path.join(tmp, 'tok'))
+  demo_skills.build_tokenizer({'x': [{'t': phrase(20)} for _ in range(200)]}, os.path.join(tmp, 'tok'))
   rows = [{'question': phrase(words), 'choices': [phrase(5) for _ in range(4)],
            'answer': r.randint(0, 3)} for _ in range(questions)]
   with open(os.path.join(tmp, 'q.jsonl'), 'w') as f:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mos_jax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mos_jax.data import build_data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mos_jax.data import demo  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mos_jax.data import demo_skills  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def demo_config(demo_dir: str, batch: int, max_len: int, **data):
@@ -30,7 +30,7 @@ def demo_config(demo_dir: str, batch: int, max_len: int, **data):
   c.data.demo_dir = demo_dir
   c.data.max_len = max_len
   c.train.batch_size = batch
-  for name, entry in demo.config_entries(demo_dir).items():
+  for name, entry in demo_skills.config_entries(demo_dir).items():
     c.data.datasets[name] = entry
   for key, value in data.items():
     c.data[key] = value
@@ -67,7 +67,7 @@ def main():
   parser.add_argument('--max-len', type=int, default=128)
   args = parser.parse_args()
   demo_dir = args.demo_dir or os.path.join(tempfile.gettempdir(), 'mos_jax_demo_bench')
-  demo.ensure_demo(demo_dir)
+  demo_skills.ensure_demo(demo_dir)
   machine = f'{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}'
   for workers in args.workers:
     for mix_per in ('batch', 'example'):

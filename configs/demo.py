@@ -10,7 +10,7 @@ uniform.
 """
 
 from mos_jax import config as config_lib
-from mos_jax.data import demo
+from mos_jax.data import demo_skills
 
 
 def get_config():
@@ -26,7 +26,7 @@ def get_config():
   c.data.packing = True  # Several short examples per row (segment ids keep them apart).
   c.data.reward_batch_size = 16  # Packed rows per skill for each reward (2 to 5 examples each).
   c.data.eval_batch_size = 32  # Dev batches of 32 packed rows.
-  for name, entry in demo.config_entries('runs/demo_data').items():
+  for name, entry in demo_skills.config_entries('runs/demo_data').items():
     c.data.datasets[name] = entry  # One entry per skill, sizes about 26 : 5 : 9 : 63.
 
   c.train.steps = 300  # Enough for every skill's dev loss to fall visibly.

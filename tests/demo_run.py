@@ -10,10 +10,10 @@ def demo_config(tmp_path, **train):
   from mos_jax.infra import cli
   config = cli.load_config(os.path.join(REPO, 'configs', 'demo.py'))
   data_dir = str(tmp_path / 'demo_data')
-  from mos_jax.data import demo
+  from mos_jax.data import demo_skills
   config.data.demo_dir = data_dir
   config.data.tokenizer = os.path.join(data_dir, 'tokenizer')
-  for name, entry in demo.config_entries(data_dir).items():
+  for name, entry in demo_skills.config_entries(data_dir).items():
     config.data.datasets[name].path = entry.path
   config.train.progress_bar = False
   config.train.async_checkpoints = False

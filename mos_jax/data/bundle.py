@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 
-from mos_jax.data import demo
+from mos_jax.data import demo_skills
 from mos_jax.data import formats
 from mos_jax.data import mixture
 from mos_jax.data import pipeline
@@ -124,7 +124,7 @@ def tokenizer_path(config) -> str:
   """The tokenizer folder a config uses: data.tokenizer, else the checkpoint's, else the demo's."""
   path = config.data.tokenizer or config.model.get('hf_checkpoint', '')
   if not path and config.data.demo_dir:
-    path = demo.tokenizer_dir(config.data.demo_dir)
+    path = demo_skills.tokenizer_dir(config.data.demo_dir)
   if not path:
     raise ValueError('no tokenizer: set data.tokenizer (or model.hf_checkpoint) to a local folder')
   return path
@@ -265,7 +265,7 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
   eval_rows = _host_rows(d.eval_batch_size, process_count, 'data.eval_batch_size')
   buckets = tuple(int(b) for b in d.buckets)
   if d.demo_dir:
-    demo.ensure_demo(d.demo_dir)
+    demo_skills.ensure_demo(d.demo_dir)
   tokenizer = load_tokenizer(tokenizer_path(config))
   pad_id = tokenizer.pad_token_id
   if pad_id is None:

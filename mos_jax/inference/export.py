@@ -9,7 +9,7 @@ from __future__ import annotations
 from mos_jax.data import bundle
 from mos_jax.models import hf_io
 from mos_jax.models import lora
-from mos_jax.workdir.restore import restore_model
+from mos_jax.workdir.restore import checkpoints_folder, restore_model
 
 
 def export(config, workdir: str, out: str, overwrite: bool = False,
@@ -17,6 +17,7 @@ def export(config, workdir: str, out: str, overwrite: bool = False,
   """Writes the latest checkpoint's model to `out`; returns its step."""
   if adapters_only and not lora.enabled(config.model):
     raise ValueError('--adapters-only needs a LoRA run (model.lora.rank > 0).')
+  checkpoints_folder(workdir)  # A run folder without checkpoints says so before anything loads.
   tokenizer_dir = bundle.tokenizer_path(config)
   model, step = restore_model(config, workdir, len(bundle.load_tokenizer(tokenizer_dir)))
   if adapters_only:

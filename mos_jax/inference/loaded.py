@@ -16,7 +16,7 @@ from mos_jax.inference import sampler
 from mos_jax.infra import distributed
 from mos_jax.infra import sharding
 from mos_jax.models.build import build_model
-from mos_jax.workdir.restore import restore_model
+from mos_jax.workdir.restore import checkpoints_folder, restore_model
 
 
 @dataclasses.dataclass
@@ -32,6 +32,8 @@ class Loaded:
 def load(config, workdir: str | None = None, step: int | None = None) -> Loaded:
   """A run's checkpoint (the latest, or `step`), or with no workdir the base model of
   `config.model` (`hf_checkpoint`, or a freshly initialised preset)."""
+  if workdir:
+    checkpoints_folder(workdir)  # A run folder without checkpoints says so before anything loads.
   tokenizer_dir = bundle.tokenizer_path(config)
   tokenizer = bundle.load_tokenizer(tokenizer_dir)
   if workdir:

@@ -38,6 +38,15 @@ def check_same_base(saved: dict, config, workdir: str):
                      f'or its weight files were rewritten). Use the original base, or a new workdir.')
 
 
+def checkpoints_folder(workdir: str) -> str:
+  """`workdir`'s checkpoints/ folder; a workdir without one is refused (before anything loads)."""
+  workdir = checked_workdir(workdir)
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'{workdir}: no checkpoints/ folder (train first).')
+  return directory
+
+
 def restore_model(config, workdir: str, vocab_size: int, step: int | None = None):
   """The backbone of `workdir`'s latest checkpoint (or of `step`): (model, step).
 
@@ -45,10 +54,8 @@ def restore_model(config, workdir: str, vocab_size: int, step: int | None = None
   train state (not the loader, not the data) and writes nothing, so it works on a finished,
   running or crashed run, with any number of processes.
   """
-  workdir = checked_workdir(workdir)
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'{workdir}: no checkpoints/ folder (train first).')
+  directory = checkpoints_folder(workdir)
+  workdir = os.path.dirname(directory)
   distributed.initialize()
   mesh = sharding.make_mesh(config.mesh)
   checkpointer = checkpoint_lib.Checkpointer(directory, keep=config.train.keep_checkpoints,

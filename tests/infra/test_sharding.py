@@ -19,7 +19,7 @@ import pytest
 from mos_jax.infra import distributed
 from mos_jax.infra import sharding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _mesh(data, fsdp, tensor):

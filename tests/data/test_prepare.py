@@ -13,7 +13,7 @@ import pytest
 
 from mos_jax.data import paper_sets
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # P3 stand-in: subsets with (train rows, where), quota 50 per subset.
 P3_TASKS = {'super_glue_cb_gpt_3': (180, 'parquet'), 'cos_e_v1.11_explain': (30, 'jsonl'),
             'xsum_summarize': (75, 'parquet')}
@@ -167,13 +167,13 @@ def test_command_prints_counts_next_to_table_1(prepared, tmp_path):
 
 def _tiny(config, tmp_path, **train):
   """A paper recipe shrunk to the tiny preset and the demo tokenizer (chatml, like Qwen)."""
-  from mos_jax.data import demo
-  demo.ensure_demo(str(tmp_path / 'demo'))
+  from mos_jax.data import demo_skills
+  demo_skills.ensure_demo(str(tmp_path / 'demo'))
   config.model.hf_checkpoint = ''
   config.model.preset = 'tiny'
   config.model.dtype = 'float32'
   config.model.remat = 'none'
-  config.data.tokenizer = demo.tokenizer_dir(str(tmp_path / 'demo'))
+  config.data.tokenizer = demo_skills.tokenizer_dir(str(tmp_path / 'demo'))
   config.data.max_len = 64
   config.data.reward_batch_size = config.data.eval_batch_size = 4
   config.train.update(batch_size=4, log_every=1, eval_every=0, eval_batches=1,

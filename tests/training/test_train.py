@@ -239,9 +239,9 @@ def test_train_command_end_to_end(tmp_path):
           f'--config.data.tokenizer={data_dir}/tokenizer', '--config.train.log_every=2',
           '--config.train.eval_every=2', '--config.train.eval_batches=1',
           '--config.mixing.update_every=2', '--config.train.checkpoint_every=2']
-  from mos_jax.data import demo
+  from mos_jax.data import demo_skills
   paths = [f'--config.data.datasets.{n}.path={e.path}'
-           for n, e in demo.config_entries(str(data_dir)).items()]
+           for n, e in demo_skills.config_entries(str(data_dir)).items()]
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO}
   done = subprocess.run(base + paths + ['--config.train.steps=4'], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=300)
@@ -252,7 +252,7 @@ def test_train_command_end_to_end(tmp_path):
   assert os.listdir(workdir / 'tb') and os.listdir(workdir / 'checkpoints')
   json.loads((workdir / 'config.json').read_text())
   lines = metrics_lib.read_metrics(str(workdir / 'metrics.jsonl'))
-  names = list(demo.config_entries(str(data_dir)))
+  names = list(demo_skills.config_entries(str(data_dir)))
   assert all(f'mixture/{n}' in lines[-1] for n in names)
   assert any(f'reward/{names[0]}' in line for line in lines)
   assert any(f'eval/{names[0]}/loss' in line for line in lines)
@@ -268,7 +268,7 @@ def test_train_command_end_to_end(tmp_path):
 
   # Export: transformers (PyTorch) loads the folder and computes the logits of the checkpoint.
   from mos_jax.infra import cli
-  from mos_jax import export
+  from mos_jax.inference import export
   overrides = [a for a in base + paths if a.startswith('--config.')] + ['--config.train.steps=4']
   config = cli.load_config(f'{REPO}/configs/demo.py', overrides)
   out = tmp_path / 'hf'

@@ -77,9 +77,9 @@ def test_ctrl_c_saves_the_step_and_the_resumed_run_equals_an_uninterrupted_one(t
 
 def _command(tmp_path, workdir, *overrides):
   data_dir = tmp_path / 'demo_data'
-  from mos_jax.data import demo
+  from mos_jax.data import demo_skills
   paths = [f'--config.data.datasets.{n}.path={e.path}'
-           for n, e in demo.config_entries(str(data_dir)).items()]
+           for n, e in demo_skills.config_entries(str(data_dir)).items()]
   return [sys.executable, '-m', 'mos_jax.train', '--config', f'{REPO}/configs/demo.py',
           '--workdir', str(workdir), f'--config.data.demo_dir={data_dir}',
           f'--config.data.tokenizer={data_dir}/tokenizer', '--config.train.eval_every=0',

@@ -12,16 +12,16 @@ from transformers import AutoTokenizer
 
 from mos_jax import config as config_lib
 from mos_jax.data import build_data
-from mos_jax.data import demo
+from mos_jax.data import demo_skills
 from mos_jax.data import inspect as inspect_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope='module')
 def demo_dir(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('demo'))
-  demo.ensure_demo(out)
+  demo_skills.ensure_demo(out)
   return out
 
 
@@ -35,7 +35,7 @@ def _demo_config(demo_dir, **data):
   c.data.demo_dir = demo_dir
   c.data.max_len = 128
   c.train.batch_size = 16
-  for name, entry in demo.config_entries(demo_dir).items():
+  for name, entry in demo_skills.config_entries(demo_dir).items():
     c.data.datasets[name] = entry
   for k, v in data.items():
     c.data[k] = v
@@ -43,23 +43,23 @@ def _demo_config(demo_dir, **data):
 
 
 def test_files_sizes_and_idempotence(demo_dir):
-  paths = demo.ensure_demo(demo_dir)
+  paths = demo_skills.ensure_demo(demo_dir)
   assert sorted(paths) == ['chat', 'facts', 'math', 'nlp']
   mtimes = {n: os.path.getmtime(p) for n, p in paths.items()}
-  assert demo.ensure_demo(demo_dir) == paths  # Present: nothing is rewritten.
+  assert demo_skills.ensure_demo(demo_dir) == paths  # Present: nothing is rewritten.
   assert mtimes == {n: os.path.getmtime(p) for n, p in paths.items()}
   sizes = {n: len(_records(p)) for n, p in paths.items()}
   assert 3500 <= sum(sizes.values()) <= 4500
   table1 = {'math': 26.2, 'facts': 5.2, 'chat': 9.3, 'nlp': 62.6}  # Paper, Table 1 (K examples).
   for name, k in table1.items():
     assert abs(sizes[name] / sum(sizes.values()) - k / 103.3) < 0.01, name
-  # Golden first records: a change to the generator must bump demo.VERSION.
+  # Golden first records: a change to the generator must bump demo_skills.VERSION.
   assert _records(paths['nlp'])[0] == {'inputs': 'Which number is larger, 81 or 159?',
                                         'targets': '159', 'answer': '159'}
 
 
 def test_answers_are_checkable(demo_dir):
-  paths = demo.ensure_demo(demo_dir)
+  paths = demo_skills.ensure_demo(demo_dir)
   for r in _records(paths['math']):
     value = eval(r['input'], {'__builtins__': {}})  # pylint: disable=eval-used
     assert r['answer'] == str(value) and r['output'].endswith(f'The answer is {value}.')
@@ -91,7 +91,7 @@ def test_answers_are_checkable(demo_dir):
 
 
 def test_tokenizer_loads_with_a_chat_template(demo_dir):
-  tok = AutoTokenizer.from_pretrained(demo.tokenizer_dir(demo_dir))
+  tok = AutoTokenizer.from_pretrained(demo_skills.tokenizer_dir(demo_dir))
   assert len(tok) <= 512 and tok.is_fast
   assert (tok.pad_token, tok.bos_token, tok.eos_token) == ('<pad>', '<s>', '<|im_end|>')
   for special in ('<|im_start|>', '<|im_end|>', '<pad>', '<s>'):
@@ -105,11 +105,11 @@ def test_tokenizer_loads_with_a_chat_template(demo_dir):
 def test_build_data_on_the_demo(demo_dir):
   data = build_data(_demo_config(demo_dir))
   assert data.names == ['chat', 'facts', 'math', 'nlp']
-  assert data.sizes == [demo.SKILLS[n].size - demo.SKILLS[n].dev_examples for n in data.names]
+  assert data.sizes == [demo_skills.SKILLS[n].size - demo_skills.SKILLS[n].dev_examples for n in data.names]
   for name in data.names:
     s = data.stats[name]
     assert s['truncated'] == s['dropped_too_long'] == s['dropped_no_target'] == 0
-    assert len(data.dev_records(name)) == demo.SKILLS[name].dev_examples
+    assert len(data.dev_records(name)) == demo_skills.SKILLS[name].dev_examples
     assert 'answer' in data.dev_records(name)[0]
   # Response lengths differ between skills, so the mixture matters.
   response = {n: data.stats[n]['mean_response_len'] for n in data.names}
@@ -122,10 +122,10 @@ def test_build_data_on_the_demo(demo_dir):
 def test_inspect_command_with_override(demo_dir, tmp_path):
   cfg = tmp_path / 'cfg.py'
   cfg.write_text(
-      'from mos_jax import config as config_lib\nfrom mos_jax.data import demo\n'
+      'from mos_jax import config as config_lib\nfrom mos_jax.data import demo_skills\n'
       'def get_config():\n  c = config_lib.base_config()\n'
       f'  c.data.demo_dir = {demo_dir!r}\n'
-      f'  for n, e in demo.config_entries({demo_dir!r}).items():\n    c.data.datasets[n] = e\n'
+      f'  for n, e in demo_skills.config_entries({demo_dir!r}).items():\n    c.data.datasets[n] = e\n'
       '  return c\n')
   out = subprocess.run([sys.executable, '-m', 'mos_jax.data.inspect', f'--config={cfg}',
                         '--config.data.max_len=40'], cwd=ROOT, capture_output=True, text=True,

@@ -50,9 +50,9 @@ def _final_losses(folder, names, steps):
 
 
 def test_compare_end_to_end_and_collect(tmp_path):
-  from mos_jax.data import demo
+  from mos_jax.data import demo_skills
   data_dir = tmp_path / 'demo_data'
-  entries = demo.config_entries(str(data_dir))
+  entries = demo_skills.config_entries(str(data_dir))
   names = list(entries)
   workdir = tmp_path / 'cmp'
   base = [sys.executable, '-m', 'mos_jax.compare', '--config', f'{REPO}/configs/demo.py',

@@ -292,7 +292,7 @@ def test_generate_command(run, tmp_path):
 
 def test_exported_run_generates_the_same_tokens_in_transformers(run, tmp_path):
   config, workdir = run
-  from mos_jax import export
+  from mos_jax.inference import export
   from mos_jax.inference import loaded as loaded_lib
   export.export(config, workdir, str(tmp_path / 'hf'))
   loaded = loaded_lib.load(config, workdir)

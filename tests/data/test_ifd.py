@@ -136,13 +136,13 @@ def test_scores_on_a_2x2_mesh_equal_one_device(selected, tmp_path):
   _, out, _ = selected
   sharded = str(tmp_path / 'sharded')
   script = '\n'.join([
-      'import pathlib, sys', f'sys.path.insert(0, {TESTS!r})',
-      'from test_data_select import _config', 'from mos_jax.data import ifd',
+      'import pathlib, sys', f'sys.path[:0] = [{TESTS!r}, {os.path.dirname(TESTS)!r}]',
+      'from test_ifd import _config', 'from mos_jax.data import ifd',
       f'config = _config(pathlib.Path({str(tmp_path)!r}))',
       'config.mesh.data, config.mesh.fsdp = 2, 2',
       f'ifd.select(config, "ifd", 0.2, {sharded!r}, progress=False, log=print)'])
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-         'PYTHONPATH': os.path.dirname(TESTS)}
+         'PYTHONPATH': os.path.dirname(os.path.dirname(TESTS))}
   run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
   for name in SIZES:

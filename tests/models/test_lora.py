@@ -186,7 +186,7 @@ def test_lora_run_resumes_exactly_trains_adapters_only_and_exports(tmp_path):
     training.build(other, resumed)
 
   # Export: the PEFT tensors are the checkpoint's adapters in [out, in] layout.
-  from mos_jax import export
+  from mos_jax.inference import export
   export.export(copy.deepcopy(config), resumed, str(tmp_path / 'adapter'), adapters_only=True)
   import safetensors.numpy
   tensors = safetensors.numpy.load_file(tmp_path / 'adapter' / 'adapter_model.safetensors')
@@ -526,7 +526,7 @@ def test_lora_run_generates_the_tokens_of_its_merged_export(tmp_path):
   """A trained LoRA run (dropout on in training, adapters on some projections only) generates,
   through qwix and the KV cache, the greedy tokens of its merged model and of transformers'
   generate on the exported merged folder; the adapters change what the base would say."""
-  from mos_jax import export
+  from mos_jax.inference import export
   from mos_jax.inference import sampler
   from mos_jax.inference import loaded as loaded_lib
   config = _lora_run_config(tmp_path, train__steps=6, train__checkpoint_every=6,

@@ -167,7 +167,7 @@ def test_generation_on_a_mesh_equals_one_device():
   import os
   import subprocess
   import sys
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
          'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': repo}
   done = subprocess.run([sys.executable, '-c', _SHARDED, json.dumps(PROMPTS)], env=env,

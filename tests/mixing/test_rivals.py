@@ -12,7 +12,8 @@ from mos_jax import models
 from mos_jax.steps import sft
 from mos_jax.steps import state as state_lib
 from mos_jax.config import base_config
-from mos_jax.mixing import base, doremi, make_strategy, odm, rewards, signals, strategy_names
+from mos_jax.mixing import base, doremi, make_strategy, odm, rewards, strategy_names
+from mos_jax.steps import reward as reward_lib
 
 NAMES = ('a', 'b')
 
@@ -57,9 +58,9 @@ def test_every_strategy_is_registered_and_declares_known_signals():
   assert make_strategy(_config(strategy='doremi'), NAMES, [1, 1]).needs_reference
   o = make_strategy(_config(strategy='odm'), NAMES, [1, 1])
   assert o.per_step and not o.updates_scorer
-  assert signals.batches_needed({'grad_cos'}) == ('train', 'dev')
-  assert signals.batches_needed({'dev_entropy'}) == ('dev',)
-  assert signals.batches_needed({'nll', 'nll0'}) == ('train',)
+  assert reward_lib.batches_needed({'grad_cos'}) == ('train', 'dev')
+  assert reward_lib.batches_needed({'dev_entropy'}) == ('dev',)
+  assert reward_lib.batches_needed({'nll', 'nll0'}) == ('train',)
 
 
 @pytest.mark.parametrize('overrides,match', [
@@ -81,8 +82,8 @@ def test_multidds_identical_gradient_gives_one():
   # Dev batch: the same example for both datasets; dataset 0 trains on it, dataset 1 on another.
   dev = {k: np.concatenate([same[k], same[k]]) for k in same}
   train = {k: np.concatenate([same[k], other[k]]) for k in same}  # example-major, b = 1
-  mask = signals.gradient_mask(params, '')
-  cos = jax.jit(lambda p, t, d: signals.gradient_cosines(
+  mask = reward_lib.gradient_mask(params, '')
+  cos = jax.jit(lambda p, t, d: reward_lib.gradient_cosines(
       p, t, d, graphdef=graphdef, num_datasets=2, mask=mask))(params, train, dev)
   np.testing.assert_allclose(float(cos[0]), 1.0, rtol=1e-5)
   assert float(cos[1]) < 0.99
@@ -96,9 +97,9 @@ def test_multidds_identical_gradient_gives_one():
                              rtol=1e-4)
 
   # Parameter subset: only the head's gradient is compared.
-  head = signals.gradient_mask(params, '^lm_head$')
+  head = reward_lib.gradient_mask(params, '^lm_head$')
   assert sum(head) == 1
-  cos_head = signals.gradient_cosines(params, train, dev, graphdef=graphdef, num_datasets=2,
+  cos_head = reward_lib.gradient_cosines(params, train, dev, graphdef=graphdef, num_datasets=2,
                                       mask=head)
   gh = lambda b: np.asarray(jax.grad(lambda p: sft.sum_loss(p, graphdef, b, 2)[0])(
       params)['lm_head'], np.float64).ravel()
@@ -106,7 +107,7 @@ def test_multidds_identical_gradient_gives_one():
   np.testing.assert_allclose(float(cos_head[1]), h1 @ hd / np.linalg.norm(h1) / np.linalg.norm(hd),
                              rtol=1e-4)
   with pytest.raises(ValueError, match='matches no parameter'):
-    signals.gradient_mask(params, 'nothing_like_this')
+    reward_lib.gradient_mask(params, 'nothing_like_this')
 
 
 def test_multidds_opposite_gradient_gives_minus_one():
@@ -118,8 +119,8 @@ def test_multidds_opposite_gradient_gives_minus_one():
   dev = dev_rows  # [2 rows] = one example of each dataset
   train = {k: np.concatenate([negated[k][:1], dev_rows[k][:1], negated[k][1:], dev_rows[k][1:]])
            for k in dev_rows}  # dataset 0 = negated dev rows, dataset 1 = the dev rows
-  mask = signals.gradient_mask(params, '')
-  cos = signals.gradient_cosines(params, train, dev, graphdef=graphdef, num_datasets=2, mask=mask)
+  mask = reward_lib.gradient_mask(params, '')
+  cos = reward_lib.gradient_cosines(params, train, dev, graphdef=graphdef, num_datasets=2, mask=mask)
   np.testing.assert_allclose(np.asarray(cos), [-1.0, 1.0], rtol=1e-5)
 
 
@@ -146,7 +147,7 @@ def test_example_uncertainty_matches_numpy():
   graphdef, params = _model()
   batch = _rows(np.random.default_rng(2), 3)
   batch['loss_mask'][:, :4] = 0.0
-  ent, nll, valid = signals.example_uncertainty(graphdef, params, batch)
+  ent, nll, valid = reward_lib.example_uncertainty(graphdef, params, batch)
   model = state_lib.merge(graphdef, params)
   logits = np.asarray(model(batch['tokens'], positions=batch['positions'],
                             segment_ids=batch['segment_ids']).logits, np.float64)

@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
 from mos_jax import config as config_lib
 from mos_jax.inference import loaded as loaded_lib
 from mos_jax.evals import lm_eval_model
-from mos_jax.data import demo
+from mos_jax.data import demo_skills
 
 WORDS = ['plant', 'river', 'stone', 'cloud', 'apple', 'tiger', 'window', 'garden', 'silver',
          'candle', 'rocket', 'forest', 'red', 'blue', 'green', 'gold']
@@ -88,7 +88,7 @@ def setup(tmp_path_factory):
     (tasks / f'{name}.yaml').write_text(yaml.format(path=data))
 
   # Tiny random Llama + the demo tokenizer in one HF folder.
-  demo.build_tokenizer({'x': [{'text': phrase(8)} for _ in range(300)]}, str(root / 'tok'))
+  demo_skills.build_tokenizer({'x': [{'text': phrase(8)} for _ in range(300)]}, str(root / 'tok'))
   tokenizer = transformers.AutoTokenizer.from_pretrained(root / 'tok')
   torch.manual_seed(0)
   hf_config = transformers.LlamaConfig(
@@ -148,7 +148,7 @@ def test_same_results_as_lm_eval_hf_model(setup):
 
 def test_model_args_from_the_command_line_form(setup):
   folder, _ = setup
-  recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
+  recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'configs',
                         'demo.py')
   lm = lm_eval.api.registry.get_model('mos_jax').create_from_arg_string(
       f'config={recipe},config.model.hf_checkpoint={folder},config.data.tokenizer={folder},'
