@@ -79,7 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixing = ml_collections.ConfigDict()
   c.mixing.strategy = 'mos'  # 'static', 'mos', 'mospec', 'multidds', 'multiuat', 'odm' or 'doremi'.
   c.mixing.reward = 'diff'  # 'cossim' or 'diff'.
-  c.mixing.ema = True  # Smooth rewards with an EMA (Eq. 11).
+  c.mixing.ema = True  # MoS / MoSpec: smooth rewards with an EMA (Eq. 11).
+  c.mixing.rival_ema = False  # MultiDDS / MultiUAT: the same EMA (off: their code has none).
   c.mixing.ema_alpha = 0.9  # Weight of the new reward in the EMA.
   c.mixing.update_every = 100  # Scorer update frequency S in optimizer steps.
   c.mixing.prior_temperature = float('inf')  # tau of Eq. 3: 1 proportional, 10, inf uniform.

@@ -8,6 +8,15 @@ conditioned pass is the example as training sees it; the unconditioned pass is t
 after one start token (BOS, else EOS). Both passes are batched forwards through our decoder on the
 config's mesh. Scores are appended to OUT/scores/<name>.cache.jsonl batch by batch, so an
 interrupted run resumes where it stopped.
+
+Selection as Cherry LLM does it (read: github.com/tianyi-lab/Cherry_LLM,
+cherry_seletion/data_by_IFD.py, stored copy at commit 6c200ba): examples whose IFD is above 1
+are skipped before ranking (`if mean_rate > 1: continue`), the rest sorted by IFD and the highest
+taken. Here the bound is `ifd_max` (select's --ifd_max, default 1) and an example is dropped at
+IFD >= ifd_max (theirs keeps IFD exactly 1); the number kept is keep * n of the whole dataset, as
+the selection flag has always meant, where their --sample_rate takes that fraction of the
+examples left after the bound; when fewer than keep * n are left all of them are kept and the
+count is printed. OUT/<name>/scores.jsonl gives every example's reason for being dropped.
 """
 
 from __future__ import annotations
@@ -57,11 +66,29 @@ def answer_only_source(data, name: str, start_id: int) -> pipeline.ExampleSource
       'trained': pa.ListArray.from_arrays(pa.array(offsets), pa.array(flags))}))
 
 
-def top_fraction(scores: np.ndarray, keep: float) -> np.ndarray:
-  """Sorted indices of the int(keep * n) (at least 1) highest scores; ties go to the lower index."""
-  k = max(1, int(keep * len(scores)))
-  order = np.lexsort((np.arange(len(scores)), -scores))  # Highest first, then by index.
-  return np.sort(order[:k])
+KEPT, ABOVE_BOUND, NOT_TOP = None, 'ifd_at_or_above_max', 'not_in_top_fraction'
+
+
+def ifd_selection(ifd: np.ndarray, keep: float, ifd_max: float = 1.0
+                  ) -> tuple[np.ndarray, list[str | None], int]:
+  """Cherry LLM's rule: drop every example with IFD >= ifd_max (at 1 and above the instruction
+  does not make the answer easier), then keep the int(keep * n) (at least 1) highest IFDs of
+  the rest, or all of the rest when fewer remain.
+
+  Returns (sorted kept indices, each example's reason for being dropped: None when kept,
+  ABOVE_BOUND or NOT_TOP, and the number asked for, int(keep * n)). A non-finite IFD counts as
+  above the bound. Ties go to the lower index.
+  """
+  ifd = np.asarray(ifd, np.float64)
+  n = len(ifd)
+  wanted = max(1, int(keep * n))
+  eligible = np.isfinite(ifd) & (ifd < ifd_max)
+  order = np.lexsort((np.arange(n), -np.where(eligible, ifd, -np.inf)))  # Highest first.
+  kept = np.sort(order[:min(wanted, int(eligible.sum()))])
+  reasons: list[str | None] = [NOT_TOP if ok else ABOVE_BOUND for ok in eligible]
+  for i in kept:
+    reasons[i] = KEPT
+  return kept, reasons, wanted
 
 
 # ---- the score cache -------------------------------------------------------------------------
@@ -200,12 +227,18 @@ def _messages(record: dict, fmt: str) -> dict:
 
 
 def select(config, method: str, keep: float, out: str, seed: int = 0, batch_size: int = 0,
-           progress: bool = True, log: Callable[[str], None] = print) -> dict:
-  """Writes OUT/<name>/{train,dev,scores}.jsonl and OUT/manifest.json; returns the manifest."""
+           progress: bool = True, log: Callable[[str], None] = print,
+           ifd_max: float = 1.0) -> dict:
+  """Writes OUT/<name>/{train,dev,scores}.jsonl and OUT/manifest.json; returns the manifest.
+
+  `ifd_max`: --method ifd drops examples with IFD >= ifd_max before the top fraction is taken.
+  """
   if method not in METHODS:
     raise ValueError(f'--method must be one of {METHODS}, got {method!r}')
   if not 0 < keep <= 1:
     raise ValueError(f'--keep must be in (0, 1], got {keep}')
+  if not ifd_max > 0:
+    raise ValueError(f'--ifd_max must be > 0 (IFD is a ratio of perplexities), got {ifd_max}')
   batch_size = batch_size or config.data.eval_batch_size
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -220,10 +253,18 @@ def select(config, method: str, keep: float, out: str, seed: int = 0, batch_size
     if method == 'ifd':
       manifest['model'] = config.model.hf_checkpoint or f'preset:{config.model.preset}'
       manifest['model_key'] = reference_cache.model_key(config)
+      manifest['ifd_max'] = ifd_max
     for name in data.names:
       n = data.sizes[data.names.index(name)]
       if method == 'ifd':
-        kept = top_fraction(scores[name]['ifd'], keep)
+        kept, reasons, wanted = ifd_selection(scores[name]['ifd'], keep, ifd_max)
+        if not len(kept):
+          raise ValueError(f'dataset {name!r}: none of its {n} examples has IFD < {ifd_max} '
+                           f'(lowest {np.nanmin(scores[name]["ifd"]):.4g}); nothing to keep. '
+                           'Raise --ifd_max, or leave this dataset out.')
+        if len(kept) < wanted:
+          log(f'{name}: only {len(kept)} of {n} examples have IFD < {ifd_max}, fewer than the '
+              f'{wanted} that --keep {keep} asks for; keeping those {len(kept)}')
       else:
         kept = bundle_lib.random_sample(name, n, max(1, int(keep * n)), seed)
       if jax.process_index() != 0:
@@ -238,17 +279,18 @@ def select(config, method: str, keep: float, out: str, seed: int = 0, batch_size
           'dev': jsonl.write(os.path.join(folder, 'dev.jsonl'),
                         (_messages(r, fmt) for r in data.dev_records(name)))}
       if method == 'ifd':
-        chosen = np.zeros(n, bool)
-        chosen[kept] = True
         s = scores[name]
+        # `dropped`: null when kept, else why (above the IFD bound, or outside the top fraction).
         files['scores'] = jsonl.write(os.path.join(folder, 'scores.jsonl'), (
             {'example': i, 'nll_answer_given_instruction': float(s['cond'][i]),
              'nll_answer': float(s['answer'][i]), 'ifd': float(s['ifd'][i]),
-             'kept': bool(chosen[i])} for i in range(n)))
+             'kept': reasons[i] is KEPT, 'dropped': reasons[i]} for i in range(n)))
       manifest['datasets'][name] = {
           'stats': data.stats[name], 'examples': n, 'train': len(kept),
           'dev': len(data.dev_records(name)),
           'files': {f'{name}/{k}.jsonl': {'sha256': v} for k, v in files.items()}}
+      if method == 'ifd':
+        manifest['datasets'][name]['dropped_ifd_at_or_above_max'] = reasons.count(ABOVE_BOUND)
       log(f'{name}: kept {len(kept)} of {n} by {method}')
     if jax.process_index() == 0:
       with open(os.path.join(out, 'manifest.json'), 'w', encoding='utf-8') as f:

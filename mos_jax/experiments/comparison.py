@@ -24,14 +24,17 @@ import numpy as np
 
 from mos_jax.workdir import metrics as metrics_lib
 
-# name -> config overrides. Dynamic strategies keep the recipe's other mixing settings (prior,
-# update_every, scorer lr, inner steps): the paper's Table 2 runs them on the same scorer.
+# name -> config overrides: every setting that tells a strategy's rows apart, so `--list` and the
+# run commands name it. Dynamic strategies keep the recipe's other mixing settings (prior,
+# update_every, scorer lr, inner steps): the paper's Table 2 runs them on the same scorer. The
+# rivals run without MoS's EMA, as their authors' code does (these rows override a recipe's
+# mixing.rival_ema=True: smoothed rivals would be a row of their own).
 STRATEGIES: dict[str, dict[str, object]] = {
     'prop': {'mixing.strategy': 'static', 'mixing.prior_temperature': 1.0},
     'temp': {'mixing.strategy': 'static', 'mixing.prior_temperature': 10.0},
     'uni': {'mixing.strategy': 'static', 'mixing.prior_temperature': float('inf')},
-    'multidds': {'mixing.strategy': 'multidds'},
-    'multiuat': {'mixing.strategy': 'multiuat'},
+    'multidds': {'mixing.strategy': 'multidds', 'mixing.rival_ema': False},
+    'multiuat': {'mixing.strategy': 'multiuat', 'mixing.rival_ema': False},
     'odm': {'mixing.strategy': 'odm'},
     'doremi': {'mixing.strategy': 'doremi'},
     'mos_cossim': {'mixing.strategy': 'mos', 'mixing.reward': 'cossim', 'mixing.ema': False},
@@ -52,10 +55,12 @@ def _value(v) -> str:
 
 
 def describe() -> str:
-  """`--list`: every strategy name with its config overrides."""
+  """`--list`: every strategy name with the settings it runs with (its config overrides; the
+  rest of mixing.* comes from the recipe)."""
   width = max(len(n) for n in STRATEGIES)
-  return '\n'.join(f'{n:<{width}}  ' + ' '.join(f'--config.{k}={_value(v)}' for k, v in o.items())
-                   for n, o in STRATEGIES.items())
+  lines = [f'{n:<{width}}  ' + ' '.join(f'--config.{k}={_value(v)}' for k, v in o.items())
+           for n, o in STRATEGIES.items()]
+  return '\n'.join(lines + ['(other mixing.* settings: the recipe\'s, the same for every row)'])
 
 
 def parse_strategies(text: str) -> list[str]:

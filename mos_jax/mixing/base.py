@@ -24,10 +24,11 @@ SIGNALS = {
     'embeddings': 'pooled last hidden state of each train reward batch, theta [N, D]',
     'nll': 'per-example mean token NLL on the train reward batches, theta [N, b * L] (+ valid)',
     'nll0': 'the same under theta_0 (cached or from an on-device copy) [N, b * L]',
-    'dev_entropy': 'per-example mean predictive token entropy on a dev batch of each dataset '
-                   '[N, b * L] (+ dev_valid [N, b * L])',
-    'dev_nll': 'per-example mean token NLL on a dev batch of each dataset [N, b * L] (+ dev_valid)',
-    'grad_cos': 'cos(grad of dataset i train reward batch, grad of all dev batches) [N]',
+    'dev_entropy': 'predictive token entropy over the trained tokens of a dev batch of each '
+                   'dataset, token-weighted (sum / tokens) [N] (+ dev_tokens [N])',
+    'dev_nll': 'token NLL over the same tokens, token-weighted [N] (+ dev_tokens [N])',
+    'grad_cos': 'mean over dev sets j of cos(grad of dataset i train reward batch, grad of dev '
+                'batch j) [N]',
 }
 # Which reward batches each signal reads.
 TRAIN_BATCH_SIGNALS = frozenset({'embeddings', 'nll', 'nll0', 'grad_cos'})

@@ -101,3 +101,11 @@ def token_entropy(logits: jax.Array) -> jax.Array:
   logits = logits.astype(jnp.float32)
   log_p = jax.nn.log_softmax(logits, axis=-1)
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+
+
+def token_weighted_mean(sums: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Per-dataset mean over tokens from per-row sums: sums, tokens [N, b] -> [N] = sum_b sums /
+  sum_b tokens (MultiUAT's per-batch uncertainty: every token weighs the same, so a long answer
+  counts more than a short one, unlike a mean of per-example means); 0 without tokens."""
+  total, count = jnp.sum(sums, axis=-1), jnp.sum(tokens, axis=-1)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)

@@ -70,8 +70,12 @@ def update_mixing(state: MixingState, raw_rewards: jax.Array, *, inner_steps: in
   return new_state, info
 
 
-def make_update_fn(mixing_config):
-  """The pure update for `config.mixing`; the static strategy gets one that changes nothing."""
+def make_update_fn(mixing_config, ema: bool | None = None):
+  """The pure update for `config.mixing`; the static strategy gets one that changes nothing.
+
+  `ema`: whether rewards are smoothed (Eq. 11); None reads mixing.ema. Strategies pass their own
+  (MultiDDS and MultiUAT take mixing.rival_ema: their reference code has no moving average).
+  """
   min_prob = float(mixing_config.min_prob)
   if int(mixing_config.inner_steps) < 1:
     raise ValueError(f'mixing.inner_steps must be >= 1, got {mixing_config.inner_steps}.')
@@ -90,7 +94,7 @@ def make_update_fn(mixing_config):
       update_mixing,
       inner_steps=int(mixing_config.inner_steps),
       lr=float(mixing_config.scorer_lr),
-      ema=bool(mixing_config.ema),
+      ema=bool(mixing_config.ema if ema is None else ema),
       alpha=float(mixing_config.ema_alpha),
       normalize=bool(mixing_config.normalize_rewards),
       min_prob=min_prob,

@@ -5,8 +5,8 @@
 | static   | scorer, frozen       | none                 | none: q_tau (tau 1 prop., 10 temp., inf uniform) |
 | mos      | scorer psi + Adam    | embeddings / nll,nll0| cossim / diff reward, EMA, REINFORCE (Eq. 6) |
 | mospec   | scorer psi + Adam    | embeddings / nll,nll0| cos(z_i, z_target) / target's diff x factor |
-| multidds | scorer psi + Adam    | grad_cos             | see multidds.py                          |
-| multiuat | scorer psi + Adam    | dev_entropy / dev_nll| see multiuat.py                          |
+| multidds | scorer psi + Adam    | grad_cos             | see multidds.py (no EMA by default)      |
+| multiuat | scorer psi + Adam    | dev_entropy / dev_nll| see multiuat.py (no EMA by default)      |
 | odm      | EXP3 rewards         | (train-step metrics) | see odm.py                               |
 | doremi   | domain weights       | nll, nll0            | see doremi.py                            |
 """
@@ -38,6 +38,7 @@ class ScorerStrategy(Strategy):
   every dynamic baseline this way. Subclasses say which signals they need and how they become a
   raw reward [N] (`rewards`); the EMA, normalisation and Adam steps are shared."""
   min_prob: float = 0.0  # mixing.min_prob floor of the sampling probabilities
+  ema: bool = False  # smooth rewards with Eq. 11 (MoS: mixing.ema; rivals: mixing.rival_ema)
 
   def init_state(self, mixing_config, sizes, key):
     return init_mixing_state(mixing_config, sizes, key)
@@ -49,7 +50,7 @@ class ScorerStrategy(Strategy):
     raise ValueError(f'strategy {self.name!r} computes no rewards (updates_scorer is False).')
 
   def make_update(self, mixing_config):
-    update = make_update_fn(mixing_config)
+    update = make_update_fn(mixing_config, ema=self.ema)
     return lambda state, signals: update(state, self.rewards(signals))
 
 
@@ -58,7 +59,6 @@ class ScorerStrategy(Strategy):
 class Static(ScorerStrategy):
   """The prior q_tau, never updated (the scorer stays where it starts)."""
   reward: str | None = None
-  ema: bool = False
   target_index: int | None = None
   target_factor: float = 1.0
 

@@ -139,19 +139,30 @@ def reference_nll_step(params, batch, frozen=None, *, graphdef, micro_rows: int 
   return in_micro_batches(token_nll, batch, micro_rows)
 
 
-def example_uncertainty(graphdef, params, batch, frozen=None):
-  """Per-example mean predictive entropy and mean NLL over trained tokens, and their valid mask,
-  each [B, L] per segment (rows may pack several examples; loss.per_segment_mean), from one
-  forward (with the whole [B, L, V] logits: entropy needs every token's full distribution)."""
+def token_uncertainty(graphdef, params, batch, frozen=None):
+  """Per-row sums over trained tokens of the predictive entropy and of the NLL, and the trained
+  token counts, each [B] fp32, from one forward (with the whole [B, L, V] logits: entropy needs
+  every token's full distribution). Packing does not matter: sums over tokens ignore segments."""
   model = merge(graphdef, params, frozen)
   out = model(batch['tokens'], positions=batch['positions'], segment_ids=batch['segment_ids'])
   logits = out.logits.astype(jnp.float32)  # [B, L, V]
   entropy = rewards.token_entropy(logits)  # [B, L]
   nll = loss_lib.token_nll(logits, batch['targets'])  # [B, L]
-  mean_entropy, valid = loss_lib.per_segment_mean(entropy, batch['segment_ids'],
-                                                  batch['loss_mask'])
-  mean_nll, _ = loss_lib.per_segment_mean(nll, batch['segment_ids'], batch['loss_mask'])
-  return mean_entropy, mean_nll, valid
+  mask = batch['loss_mask'].astype(jnp.float32)
+  entropy_sum, tokens = loss_lib.masked_sums(entropy, mask)
+  nll_sum, _ = loss_lib.masked_sums(nll, mask)
+  return entropy_sum, nll_sum, tokens
+
+
+def dev_uncertainty(graphdef, params, dev_batch, frozen=None, *, num_datasets: int):
+  """MultiUAT's signals from one dev batch of every dataset ([b * N] rows, example-major): the
+  token-weighted mean entropy and NLL over all trained tokens of dataset i's dev batch (the sum
+  over its tokens / their number, not a mean of per-example means) and the token count, each
+  [N]; 0 for a dataset without a trained dev token."""
+  entropy, nll, tokens = (_per_dataset(x, num_datasets)  # [N, b] each
+                          for x in token_uncertainty(graphdef, params, dev_batch, frozen))
+  return {'dev_entropy': rewards.token_weighted_mean(entropy, tokens),
+          'dev_nll': rewards.token_weighted_mean(nll, tokens), 'dev_tokens': tokens.sum(-1)}
 
 
 _LOSS_KEYS = ('tokens', 'targets', 'loss_mask', 'positions', 'segment_ids', 'dataset_ids')
@@ -174,14 +185,18 @@ def _pad_rows(batch, rows):
 
 def gradient_cosines(params, train_batch, dev_batch, frozen=None, *, graphdef, num_datasets: int,
                      mask: tuple[bool, ...]):
-  """MultiDDS: cos(grad L(train batch of i), grad L(dev batches of all datasets)) [N].
+  """MultiDDS's reward [N]: the mean over dev sets j of cos(grad L(train batch of i),
+  grad L(dev batch of j)), each dev set counting equally (see mixing/multidds.py).
 
-  One sequential loop of 2N backward passes over b-row chunks: the first N add the dev chunks'
-  gradients into the dev gradient (token-sum losses, so the chunks' gradients add up to the whole
-  dev batch's), the next N take dataset i's train batch and reduce its gradient to a dot product
-  with the dev gradient and a norm. So at most two gradient-sized buffers live (the dev gradient
-  and the current one) and every pass reuses the same activation memory. `mask` restricts both
-  gradients to a subset of parameter leaves. Cosines ignore the losses' scale.
+  The mean of cosines is linear in the dev gradients' directions,
+    (1/N) sum_j cos(g_i, d_j) = <g_i, sum_j d_j / |d_j|> / (N |g_i|),
+  so one buffer holds sum_j d_j / |d_j| and no N x N gradient pairs are formed: one sequential
+  loop of 2N backward passes over b-row chunks, the first N adding each dev set's unit gradient,
+  the next N reducing dataset i's train gradient to a dot product with that sum and a norm. At
+  most two gradient-sized buffers live and every pass reuses the same activation memory. Losses
+  are token sums (a cosine ignores their scale); `mask` restricts both gradients to a subset of
+  parameter leaves. A dev set without trained tokens (zero gradient) adds 0 and still counts in
+  the 1/N, as in the reference.
   """
   leaves, treedef = jax.tree.flatten(params)
   chosen = [x for x, m in zip(leaves, mask) if m]
@@ -202,18 +217,19 @@ def gradient_cosines(params, train_batch, dev_batch, frozen=None, *, graphdef, n
   dev, train = (_pad_rows(_pad_length(b, length), rows) for b in (dev, train))
   chunks = {k: jnp.concatenate([dev[k], train[k]]) for k in _LOSS_KEYS}  # [2N, b, L]
 
-  def body(dev_grad, xs):
+  def body(dev_dirs, xs):
     k, batch = xs
     g = jax.grad(loss)(chosen, batch)
-    adding = k < num_datasets
-    dev_grad = [d + x * adding.astype(x.dtype) for d, x in zip(dev_grad, g)]
-    return dev_grad, (f32_dot(g, dev_grad), f32_dot(g, g))
+    square = f32_dot(g, g)
+    # Dev passes add g / |g| (0 for a zero gradient); train passes add nothing.
+    scale = jnp.where(k < num_datasets, 1.0 / jnp.maximum(jnp.sqrt(square), 1e-20), 0.0)
+    dev_dirs = [d + x * scale.astype(x.dtype) for d, x in zip(dev_dirs, g)]
+    return dev_dirs, (f32_dot(g, dev_dirs), square)
 
   zeros = [jnp.zeros_like(x) for x in chosen]
-  dev_grad, (dots, squares) = jax.lax.scan(body, zeros, (jnp.arange(2 * num_datasets), chunks))
-  dev_norm = jnp.sqrt(f32_dot(dev_grad, dev_grad))
+  _, (dots, squares) = jax.lax.scan(body, zeros, (jnp.arange(2 * num_datasets), chunks))
   dots, norms = dots[num_datasets:], jnp.sqrt(squares[num_datasets:])  # [N]
-  return dots / jnp.maximum(norms * dev_norm, 1e-20)
+  return dots / (num_datasets * jnp.maximum(norms, 1e-20))
 
 
 def signal_step(params, reference_params, batches, frozen=None, *, graphdef, num_datasets: int,
@@ -234,12 +250,8 @@ def signal_step(params, reference_params, batches, frozen=None, *, graphdef, num
                                  with_embeddings='embeddings' in signals, micro_rows=micro_rows,
                                  base_reference=base_reference))
   if signals & {'dev_entropy', 'dev_nll'}:
-    entropy, nll, valid = example_uncertainty(graphdef, params, batches['dev'], frozen)
-    out['dev_valid'] = segments_per_dataset(valid, num_datasets)
-    if 'dev_entropy' in signals:
-      out['dev_entropy'] = segments_per_dataset(entropy, num_datasets)
-    if 'dev_nll' in signals:
-      out['dev_nll'] = segments_per_dataset(nll, num_datasets)
+    dev = dev_uncertainty(graphdef, params, batches['dev'], frozen, num_datasets=num_datasets)
+    out.update({k: v for k, v in dev.items() if k in signals or k == 'dev_tokens'})
   if 'grad_cos' in signals:
     mask = grad_mask if grad_mask is not None else tuple(True for _ in jax.tree.leaves(params))
     out['grad_cos'] = gradient_cosines(params, batches['train'], batches['dev'], frozen,

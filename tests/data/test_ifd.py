@@ -14,6 +14,10 @@ from mos_jax.config import dataset
 from mos_jax.data import ifd
 
 SIZES = {'alpha': 30, 'beta': 45}
+# The random tiny model finds every alpha answer harder after its instruction (IFD > 1, so the
+# default bound would keep none): this bound leaves fewer alpha examples than keep * n and more
+# beta ones than that.
+IFD_MAX = 1.03
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -45,7 +49,8 @@ def selected(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('select')
   config = _config(tmp)
   out = str(tmp / 'ifd')
-  manifest = ifd.select(config, 'ifd', 0.2, out, progress=False, log=lambda s: None)
+  manifest = ifd.select(config, 'ifd', 0.2, out, progress=False, log=lambda s: None,
+                        ifd_max=IFD_MAX)
   return config, out, manifest
 
 
@@ -86,16 +91,20 @@ def test_keeps_exactly_the_top_fraction(selected):
   for name, n in SIZES.items():
     rows = _lines(f'{out}/{name}/scores.jsonl')
     scores = np.array([r['ifd'] for r in rows])
-    k = int(0.2 * n)
-    top = set(np.argsort(-scores, kind='stable')[:k])
+    below = np.flatnonzero(scores < IFD_MAX)  # Cherry LLM: IFD >= the bound is dropped first.
+    k = min(int(0.2 * n), len(below))
+    top = set(below[np.argsort(-scores[below], kind='stable')[:k]])
     assert {r['example'] for r in rows if r['kept']} == top
+    assert all(r['ifd'] < IFD_MAX for r in rows if r['kept'])
+    assert all((r['dropped'] is None) == r['kept'] for r in rows)
     kept = _lines(f'{out}/{name}/train.jsonl')
     assert len(kept) == manifest['datasets'][name]['train'] == k
     # The records are those examples' conversations (prompts carry the example index).
     indices = [int(r['messages'][0]['content'].split(':')[0].split()[1]) for r in kept]
     assert indices == sorted(top)
     assert _lines(f'{out}/{name}/dev.jsonl')[0]['messages'][1]['content'] == f'{name} dev'
-    assert min(scores[list(top)]) >= max(np.delete(scores, list(top)))
+    rest = [i for i in below if i not in top]
+    assert not rest or min(scores[list(top)]) >= max(scores[rest])
 
 
 def test_scoring_resumes_from_the_cache(selected, tmp_path):
@@ -108,7 +117,7 @@ def test_scoring_resumes_from_the_cache(selected, tmp_path):
   first['cond'][0] += 1.0  # A marker: a resumed run reads this batch instead of recomputing it.
   with open(os.path.join(again, 'scores', 'beta.cache.jsonl'), 'w') as f:
     f.write('\n'.join([lines[0], json.dumps(first), lines[2][:15]]))  # + a cut line.
-  ifd.select(config, 'ifd', 0.2, again, progress=False, log=lambda s: None)
+  ifd.select(config, 'ifd', 0.2, again, progress=False, log=lambda s: None, ifd_max=IFD_MAX)
   before, after = (_lines(f'{d}/beta/scores.jsonl') for d in (out, again))
   marked = first['ids'][0]
   assert after[marked]['nll_answer_given_instruction'] == pytest.approx(
@@ -140,7 +149,8 @@ def test_scores_on_a_2x2_mesh_equal_one_device(selected, tmp_path):
       'from test_ifd import _config', 'from mos_jax.data import ifd',
       f'config = _config(pathlib.Path({str(tmp_path)!r}))',
       'config.mesh.data, config.mesh.fsdp = 2, 2',
-      f'ifd.select(config, "ifd", 0.2, {sharded!r}, progress=False, log=print)'])
+      f'ifd.select(config, "ifd", 0.2, {sharded!r}, progress=False, log=print, '
+      f'ifd_max={IFD_MAX})'])
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
          'PYTHONPATH': os.path.dirname(os.path.dirname(TESTS))}
   run = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True)

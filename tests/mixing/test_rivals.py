@@ -116,7 +116,7 @@ def test_multidds_opposite_gradient_gives_minus_one():
   graphdef, params = _model()
   dev_rows = _rows(np.random.default_rng(1), 2)
   negated = dict(dev_rows, loss_mask=-dev_rows['loss_mask'])
-  dev = dev_rows  # [2 rows] = one example of each dataset
+  dev = _take(dev_rows, [0, 0, 1, 1])  # b = 2: both dev sets hold both examples
   train = {k: np.concatenate([negated[k][:1], dev_rows[k][:1], negated[k][1:], dev_rows[k][1:]])
            for k in dev_rows}  # dataset 0 = negated dev rows, dataset 1 = the dev rows
   mask = reward_lib.gradient_mask(params, '')
@@ -134,20 +134,18 @@ def test_uniform_prediction_has_entropy_log_v():
                              math.log(2), rtol=1e-6)
 
 
-def test_multiuat_reward_is_mean_uncertainty_over_valid_examples():
+def test_multiuat_reward_is_the_token_weighted_signal():
   s = make_strategy(_config(strategy='multiuat'), NAMES, [1, 1])
-  ent = jnp.array([[1.0, 3.0, 100.0], [2.0, 2.0, 2.0]])
-  valid = jnp.array([[1, 1, 0], [1, 1, 1]])
-  np.testing.assert_allclose(s.rewards({'dev_entropy': ent, 'dev_valid': valid}), [2.0, 2.0])
+  np.testing.assert_allclose(s.rewards({'dev_entropy': jnp.array([2.0, 3.0])}), [2.0, 3.0])
   n = make_strategy(_config(strategy='multiuat', uncertainty='nll'), NAMES, [1, 1])
-  np.testing.assert_allclose(n.rewards({'dev_nll': ent, 'dev_valid': valid * 0}), [0.0, 0.0])
+  np.testing.assert_allclose(n.rewards({'dev_nll': jnp.array([0.5, 0.0])}), [0.5, 0.0])
 
 
 def test_example_uncertainty_matches_numpy():
   graphdef, params = _model()
   batch = _rows(np.random.default_rng(2), 3)
   batch['loss_mask'][:, :4] = 0.0
-  ent, nll, valid = reward_lib.example_uncertainty(graphdef, params, batch)
+  ent, nll, tokens = reward_lib.token_uncertainty(graphdef, params, batch)
   model = state_lib.merge(graphdef, params)
   logits = np.asarray(model(batch['tokens'], positions=batch['positions'],
                             segment_ids=batch['segment_ids']).logits, np.float64)
@@ -155,11 +153,11 @@ def test_example_uncertainty_matches_numpy():
       - logits.max(-1, keepdims=True)
   h = -(np.exp(logp) * logp).sum(-1)
   m = batch['loss_mask']
-  # One example per row: segment 1, at slot 0 of each row's [L] per-segment values.
-  np.testing.assert_allclose(np.asarray(ent)[:, 0], (h * m).sum(1) / m.sum(1), rtol=1e-5)
+  # Per-row sums over the trained tokens.
+  np.testing.assert_allclose(np.asarray(ent), (h * m).sum(1), rtol=1e-5)
   tok = -np.take_along_axis(logp, batch['targets'][..., None], -1)[..., 0]
-  np.testing.assert_allclose(np.asarray(nll)[:, 0], (tok * m).sum(1) / m.sum(1), rtol=1e-5)
-  assert np.all(np.asarray(valid)[:, 0]) and not np.any(np.asarray(valid)[:, 1:])
+  np.testing.assert_allclose(np.asarray(nll), (tok * m).sum(1), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(tokens), m.sum(1))
 
 
 def _odm_metrics(nll, tokens, finite=True):
