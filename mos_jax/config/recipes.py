@@ -32,8 +32,10 @@ PAPER_DATA_ROOT = 'data/paper'
 PAPER_BATCH = 64  # §4.1: examples per step (and per dataset in a reward batch).
 # The recipes pack examples into 2048-token rows, so their batches count rows: Table 1's 22.3M words
 # over 103.3K examples are about 290 tokens per example with the chat template, about 7 per row, so
-# 8 rows hold about §4.1's 64 examples, and 3 epochs of rows take about the paper's 4843 steps with
-# its 100-step scorer cadence (64 rows would hold ~450 examples and give ~7x fewer steps and updates).
+# 8 rows hold about §4.1's 64 examples, and 3 epochs of examples (train.epochs counts mixing.unit,
+# 'example') take about the paper's 4843 steps with its 100-step scorer cadence (64 rows would
+# hold ~450 examples and give ~7x fewer steps and updates). The loader draws a dataset's rows with
+# p_i / (its examples per row), so each dataset's share of examples, not of rows, is p.
 # `python -m mos_jax.data.inspect` prints the examples per packed row of the prepared data.
 PAPER_PACKED_ROWS = 8
 

@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixing.ema_alpha = 0.9  # Weight of the new reward in the EMA.
   c.mixing.update_every = 100  # Scorer update frequency S in optimizer steps.
   c.mixing.prior_temperature = float('inf')  # tau of Eq. 3: 1 proportional, 10, inf uniform.
+  c.mixing.unit = 'example'  # What p counts: 'example' (the paper), 'token', or 'row' (a packed row; before 0.2).
   c.mixing.target = ''  # MoSpec: the dataset to specialise in.
   c.mixing.target_factor = 2.0  # MoSpec with DIFF: the target's reward is multiplied by this.
   c.mixing.scorer_hidden = 0  # Scorer MLP hidden size; 0 = one free logit per dataset.

@@ -31,12 +31,24 @@ class DataBundle:
 
   def __init__(self, names, datasets, tokenizer, stats, train, settings):
     self.names: list[str] = list(names)
-    self.sizes: list[int] = [len(datasets[n].train) for n in names]
+    self.sizes: list[int] = [len(datasets[n].train) for n in names]  # Training examples.
     self.tokenizer = tokenizer
     self.stats: dict[str, dict] = stats
     self.train: mixture.MixtureIterator = train
     self._datasets = datasets
     self._s = settings
+
+  def unit_sizes(self) -> list[int]:
+    """Each dataset's size in the mixture's unit (mixing.unit): what the prior q_tau (Eq. 3)
+    weighs. Examples for 'example' and for 'row' (the meaning before mixing.unit: p drew rows, its
+    prior weighed examples); every example's positions for 'token'."""
+    unit = self.train.unit
+    sizes = (self.sizes if unit in ('example', 'row') else
+             [rows.plan.tokens for rows in self.train.train_streams])
+    for name, size in zip(self.names, sizes):
+      if size <= 0:
+        raise ValueError(f'dataset {name!r} has no {unit}s to mix by (mixing.unit={unit!r}).')
+    return list(sizes)
 
   def _index(self, name: str) -> int:
     if name not in self._datasets:
@@ -344,7 +356,8 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
   spec = mixture.MixtureSpec(
       names=tuple(names), seed=int(config.seed), rows=rows, reward_rows=reward_rows,
       max_len=d.max_len, pad_id=int(pad_id), buckets=buckets, mix_per=d.mix_per,
-      process_index=process_index, process_count=process_count, num_workers=d.num_workers)
+      process_index=process_index, process_count=process_count, num_workers=d.num_workers,
+      unit=config.mixing.get('unit', 'row'))
   train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
   settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,
               'packing': bool(d.packing),

@@ -1,6 +1,10 @@
 """The dynamic mixture loader (Algorithm 1, lines 3-4): draw a dataset from p, yield its batch.
 
-p is set from outside (the scorer) before each draw. Draws use an RNG seeded by (seed, step), so
+p is set from outside (the scorer) before each draw. It is a distribution over `unit`s (examples
+by default, as in the paper, or tokens, or rows): a packed row of dataset i holds u_i units
+(u_i = units / rows of that dataset's current epoch plan), so rows are drawn with
+d_i = (p_i / u_i) / sum_j (p_j / u_j), which makes the expected share of units drawn from
+dataset i exactly p_i. With one example per row and unit 'example', d = p. Draws use an RNG seeded by (seed, step), so
 every host draws the same dataset at the same step; each host reads its own slice of the global
 batch, which every host plans alike (pipeline.RowPlan). Reward batches come from separate
 per-dataset streams, so the scorer's look at the data never shifts the training order. The whole
@@ -17,6 +21,7 @@ import numpy as np
 from mos_jax.data import pipeline
 
 MIX_PER = ('batch', 'example')
+UNITS = ('example', 'token', 'row')  # What a mixture probability counts (mixing.unit).
 _DRAW_STREAM = 0x6d6978  # Keeps draw seeds apart from other uses of the run seed.
 
 
@@ -47,6 +52,7 @@ class MixtureSpec:
   process_index: int = 0
   process_count: int = 1
   num_workers: int = 0  # Grain worker processes per dataset (mixing per batch).
+  unit: str = 'row'  # What p counts: UNITS (the loader turns it into row draws).
 
 
 class MixtureIterDataset(grain.IterDataset):
@@ -57,6 +63,8 @@ class MixtureIterDataset(grain.IterDataset):
                spec: MixtureSpec):
     if spec.mix_per not in MIX_PER:
       raise ValueError(f'data.mix_per must be one of {MIX_PER}, got {spec.mix_per!r}')
+    if spec.unit not in UNITS:
+      raise ValueError(f'mixing.unit must be one of {UNITS}, got {spec.unit!r}')
     if not len(train) == len(reward) == len(spec.names):
       raise ValueError('one training and one reward stream per dataset are needed')
     super().__init__(list(train) + list(reward))
@@ -91,11 +99,21 @@ class MixtureIterator(grain.DatasetIterator):
     self._step = 0
     self._probs = np.full(n, 1.0 / n)
     self._taken = {'train': [0] * n, 'reward': [0] * n}  # Global rows taken from each stream.
+    self._examples = [0] * n  # Training examples drawn from each dataset (all hosts' rows).
     self._streams = [None] * n  # Mixing per batch: each dataset's blocks from its position on.
 
   @property
   def step(self) -> int:
     return self._step
+
+  @property
+  def unit(self) -> str:
+    return self._spec.unit
+
+  @property
+  def train_streams(self) -> list:
+    """Each dataset's global training row stream (pipeline.GlobalRows: its RowPlan)."""
+    return list(self._train)
 
   @property
   def probabilities(self) -> np.ndarray:
@@ -109,14 +127,33 @@ class MixtureIterator(grain.DatasetIterator):
     """Used from the next draw on; NaN, negative or all-zero p is refused."""
     self._probs = check_probabilities(p, len(self._spec.names))
 
+  def units_per_row(self) -> np.ndarray:
+    """u_i: units (spec.unit) per training row in the epoch plan each dataset draws from now."""
+    if self._spec.unit == 'row':
+      return np.ones(len(self._spec.names))
+    u = []
+    for rows, taken in zip(self._train, self._taken['train']):
+      epoch = rows.plan.epoch_of(taken)
+      units = rows.plan.examples_per_epoch if self._spec.unit == 'example' else rows.plan.tokens
+      u.append(units / rows.plan.rows_in_epoch(epoch))
+    return np.asarray(u, np.float64)
+
+  def draw_probabilities(self) -> np.ndarray:
+    """d: the distribution of the next draw over datasets, rows (or examples when mixing per
+    example) of dataset i drawn with p_i / u_i, renormalised."""
+    if self._spec.unit == 'row':
+      return self._probs.copy()  # Bit for bit today's draws.
+    return check_probabilities(self._probs / self.units_per_row(), len(self._spec.names))
+
   def _global_draw(self, step: int) -> np.ndarray:
     """The dataset of every row of the global batch at `step` (one dataset per batch, or one per
     row when mixing per example: the global batch is then one sample from p)."""
     s = self._spec
     rng = np.random.default_rng([s.seed, _DRAW_STREAM, step])
+    d = self.draw_probabilities()
     if s.mix_per == 'batch':
-      return np.full(s.rows * s.process_count, rng.choice(len(s.names), p=self._probs))
-    return rng.choice(len(s.names), size=s.rows * s.process_count, p=self._probs)
+      return np.full(s.rows * s.process_count, rng.choice(len(s.names), p=d))
+    return rng.choice(len(s.names), size=s.rows * s.process_count, p=d)
 
   def draw(self, step: int) -> np.ndarray:
     """The dataset of each host-local row at `step`."""
@@ -134,8 +171,13 @@ class MixtureIterator(grain.DatasetIterator):
       if s.num_workers:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=s.num_workers))
       self._streams[i] = iter(it)
+    self._count_examples(i, self._taken['train'][i], width)
     self._taken['train'][i] += width
     return next(self._streams[i])
+
+  def _count_examples(self, i: int, start: int, rows: int) -> None:
+    plan = self._train[i].plan
+    self._examples[i] += sum(len(plan.examples(r)) for r in range(start, start + rows))
 
   def _mixed_rows(self, every: np.ndarray) -> dict:
     """Mixing per example: global row j is the next row of dataset every[j]; this host reads
@@ -151,6 +193,7 @@ class MixtureIterator(grain.DatasetIterator):
         rows[r] = row
       if s.buckets:
         longest = max(longest, self._train[i].plan.longest(start, start + total))
+      self._count_examples(i, start, total)
       self._taken['train'][i] += total
     return pipeline.crop(pipeline.stack(rows, s.max_len, s.pad_id), every[lo:hi], s.max_len,
                          s.buckets, longest or None)
@@ -184,11 +227,16 @@ class MixtureIterator(grain.DatasetIterator):
     return out
 
   def get_state(self) -> dict:
+    """The position; 'draw' (the next draw's distribution, a function of the rest) and 'examples'
+    (training examples drawn per dataset) are there for the metrics."""
     return {
         'names': list(self._spec.names),
         'step': self._step,
+        'unit': self._spec.unit,
         'probabilities': self._probs.tolist(),
+        'draw': self.draw_probabilities().tolist(),
         'taken': {k: list(v) for k, v in self._taken.items()},
+        'examples': list(self._examples),
     }
 
   def set_state(self, state: dict) -> None:
@@ -198,10 +246,18 @@ class MixtureIterator(grain.DatasetIterator):
     if 'train' in state:
       raise ValueError('this loader state was written by an older mos_jax (one stream per host); '
                        'resume it with that version, or start a new workdir.')
+    # A state from before mixing.unit counted rows; training.resume decides if it still fits.
+    unit = state.get('unit', self._spec.unit)
+    if unit != self._spec.unit:
+      raise ValueError(f'loader state counts mixture probabilities in {unit}s, this run in '
+                       f'{self._spec.unit}s (mixing.unit)')
     self._close_streams()
     self._step = int(state['step'])
     self._taken = {k: [int(x) for x in v] for k, v in state['taken'].items()}
     self._probs = check_probabilities(state['probabilities'], len(names))
+    self._examples = [int(x) for x in state.get('examples', [])] or [
+        sum(len(rows.plan.examples(r)) for r in range(taken))  # Older states: count them.
+        for rows, taken in zip(self._train, self._taken['train'])]
 
   def _close_streams(self) -> None:
     for it in self._streams:

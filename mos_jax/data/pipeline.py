@@ -84,6 +84,8 @@ class RowPlan:
   def __init__(self, lengths: np.ndarray, seed: int, max_len: int, packing: bool):
     self._lengths = np.asarray(lengths, np.int64)
     self._seed, self._max_len, self._packing = seed, max_len, packing
+    self.examples_per_epoch = len(self._lengths)  # Every epoch visits each example once.
+    self.tokens = int(self._lengths.sum())  # Positions of one epoch's examples (mixing.unit).
     self._starts = [0]  # First global row of epochs 0, 1, ... planned so far (and the next one).
     self._plans = {}  # epoch -> (examples in row order, row offsets into them); the last two.
 
@@ -102,6 +104,10 @@ class RowPlan:
 
   def rows_in_epoch(self, epoch: int) -> int:
     return len(self._plan(epoch)[1]) - 1
+
+  def epoch_of(self, row: int) -> int:
+    """The epoch that global row `row` belongs to."""
+    return self._locate(row)[0]
 
   def _locate(self, row: int) -> tuple[int, int]:
     while self._starts[-1] <= row:

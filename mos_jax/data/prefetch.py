@@ -94,6 +94,11 @@ class Prefetcher:
     if self._depth:
       self._go.set()
 
+  @property
+  def position(self) -> dict:
+    """The loader state after the last batch taken (what the metrics report on)."""
+    return self._state
+
   def get_state(self) -> bytes:
     """The loader position after the last batch taken, as the JSON bytes Grain's checkpoint
     handler saves (restore it onto the loader itself)."""

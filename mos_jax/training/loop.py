@@ -164,7 +164,7 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
   if run.start_step == 0:
     first = evaluate(run)
     say(_eval_text(0, first, names))
-    run.writer.write(0, {**first, **_mixture_metrics(current_probs(run), names)})
+    run.writer.write(0, {**first, **_mixture_metrics(run, data.train.get_state())})
 
   updates_after = lambda step: (run.strategy.updates_scorer
                                  and (step - 1) % config.mixing.update_every == 0)
@@ -205,7 +205,7 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
         _save(run, step, feed, run.meta, say)  # The loader position of step + 1.
       window.pause(time.perf_counter() - paused)
       if line:
-        line.update(_mixture_metrics(current_probs(run), names))  # Every line has the mixture.
+        line.update(_mixture_metrics(run, feed.position))  # Every line has the mixture.
         run.writer.write(step, line)
         if progress is not None and 'train/loss' in line:
           progress.set_postfix_str(_progress_text(line, names))
@@ -272,8 +272,17 @@ def _step_rewards(run: Run) -> dict[str, float]:
   return {f'reward/{n}': float(r) for n, r in zip(run.data.names, jax.device_get(reward))}
 
 
-def _mixture_metrics(probs, names):
-  return {f'mixture/{n}': float(p) for n, p in zip(names, probs)}
+def _mixture_metrics(run: Run, position: dict) -> dict[str, float]:
+  """p (over mixing.unit), the row draws it makes (`mixture_rows`), and the training examples
+  drawn so far per dataset, also as passes over it (`data/epochs`), at the loader `position`."""
+  out = {}
+  names, probs = run.data.names, current_probs(run)
+  for i, name in enumerate(names):
+    out[f'mixture/{name}'] = float(probs[i])
+    out[f'mixture_rows/{name}'] = float(position['draw'][i])
+    out[f'data/examples/{name}'] = float(position['examples'][i])
+    out[f'data/epochs/{name}'] = position['examples'][i] / run.data.sizes[i]
+  return out
 
 
 def _eval_text(step, dev, names):

@@ -73,8 +73,18 @@ def check_same_data(saved: dict, current: dict, workdir: str):
   if saved.get('names') != current['names']:
     raise ValueError(f'{workdir}: the checkpoint was trained on datasets {saved.get("names")}, '
                      f'the config has {current["names"]}. Use the same datasets or a new workdir.')
-  changed = {k: (saved.get('loader', {}).get(k), v) for k, v in current['loader'].items()
-             if saved.get('loader', {}).get(k) != v}
+  saved_loader = saved.get('loader', {})
+  if 'unit' not in saved_loader:  # Written before mixing.unit: its probabilities counted rows.
+    unit = current['loader']['unit']
+    if unit != 'row' and (saved_loader.get('packing') or unit == 'token'):
+      raise errors.UserError(
+          f'{workdir}: this checkpoint was written before mixing.unit existed, when a mixture '
+          f'probability meant a share of packed rows, not of {unit}s; resuming it with '
+          f'mixing.unit={unit!r} would change what its mixture means mid-run. Resume it with '
+          f'--config.mixing.unit=row (exactly the run it was), or start a new workdir.')
+    saved_loader = dict(saved_loader, unit=unit)  # Unpacked rows: one example each, same draws.
+  changed = {k: (saved_loader.get(k), v) for k, v in current['loader'].items()
+             if saved_loader.get(k) != v}
   if changed:
     raise ValueError(f'{workdir}: these settings changed since the checkpoint (saved, now): '
                      f'{changed}; the loader cannot resume where it stopped with them. Restore '

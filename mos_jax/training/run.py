@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mos_jax import config as config_lib
 from mos_jax import mixing
@@ -147,18 +148,18 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   data = build_data(config, process_index=jax.process_index(),
                     process_count=jax.process_count())
+  sizes = data.unit_sizes()  # What the mixture counts (mixing.unit), for the prior.
   if config.train.get('epochs', 0) > 0:  # Passes over the data: the sizes are known only now.
-    rows = sum(data.train.rows_per_epoch())  # Packed rows hold several examples each.
-    config.train.steps = math.ceil(config.train.epochs * rows / config.train.batch_size)
+    config.train.steps = _steps_for_epochs(config, data, sizes)
   names = data.names
   num_datasets = len(names)
   _check_batch_sizes(config, num_datasets, mesh)
-  strategy = mixing.make_strategy(config.mixing, names, data.sizes)
+  strategy = mixing.make_strategy(config.mixing, names, sizes)
 
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.
   graphdef, state, state_shardings, optimizer, frozen = initial_state(
-      config, build_model(config, mesh, len(data.tokenizer)), data.sizes, mesh, strategy)
+      config, build_model(config, mesh, len(data.tokenizer)), sizes, mesh, strategy)
   param_shardings, replicated = state_shardings.params, sharding.replicated(mesh)
 
   # LoRA dropout (training forwards only) draws its masks from (seed, step).
@@ -216,13 +217,25 @@ def _build(config, workdir: str, is_main: bool) -> Run:
              saved_step=start_step or None, window=window, frozen=frozen, train_jit=train_jit)
 
 
+def _steps_for_epochs(config, data, sizes) -> int:
+  """Steps in which `train.epochs` passes over every dataset's units are drawn, at the prior
+  mixture q_tau: rows of dataset i are drawn with d_i = (p_i / u_i) / Z, Z = sum_j p_j / u_j, so a
+  row holds 1 / Z units on average and the run needs epochs * units * Z / batch_size steps ('row':
+  u = 1, Z = 1: the rows of one pass)."""
+  p = mixing.prior_probs(sizes, config.mixing.prior_temperature)
+  u = data.train.units_per_row()
+  units = sum(rows.plan.rows_in_epoch(0) * u_i for rows, u_i in zip(data.train.train_streams, u))
+  return math.ceil(config.train.epochs * units * float(np.sum(p / u)) / config.train.batch_size)
+
+
 def _loader_identity(config) -> dict:
   """Settings that decide which batches the loader yields (besides the data itself). Not the
   process count nor Grain workers: global batches are the same for any of them."""
   d = config.data
   return {'seed': config.seed, 'batch_size': config.train.batch_size,
           'reward_batch_size': d.reward_batch_size, 'max_len': d.max_len, 'packing': d.packing,
-          'buckets': list(d.buckets), 'mix_per': d.mix_per}
+          'buckets': list(d.buckets), 'mix_per': d.mix_per,
+          'unit': config.mixing.get('unit', 'row')}
 
 
 def _check_batch_sizes(config, num_datasets: int, mesh):

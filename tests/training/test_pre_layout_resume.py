@@ -2,15 +2,18 @@
 552a2a4's flat mos_jax with tests/fixtures/make_pre_layout_run.py) resumes with today's code and
 ends with the metrics that the old code's uninterrupted run logged."""
 
+import copy
 import json
 import os
 import shutil
 import sys
 
 import numpy as np
+import pytest
 
 from mos_jax import training
 from mos_jax.infra import cli
+from mos_jax.infra import errors
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'fixtures'))
@@ -33,6 +36,10 @@ def test_old_layout_checkpoint_resumes_to_the_old_runs_metrics(tmp_path):
 
   repo = os.path.dirname(os.path.dirname(os.path.dirname(FIXTURE)))
   config = make_pre_layout_run.config(cli.load_config, repo, str(tmp_path / 'demo_data'))
+  # Its probabilities counted packed rows: it resumes as mixing.unit='row' only, and says so.
+  with pytest.raises(errors.UserError, match=r'before mixing.unit existed.*mixing.unit=row'):
+    training.build(copy.deepcopy(config), str(workdir))
+  config.mixing.unit = 'row'
   run = training.build(config, str(workdir))
   assert run.start_step == 2
   training.train(run)
