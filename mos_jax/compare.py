@@ -9,6 +9,11 @@ repeated; a crashed one resumes on the next call). --list prints the strategies 
 overrides, --print-commands one `python -m mos_jax.train` line per run (for an array job),
 --collect only writes the report from the finished folders: WORKDIR/results.md, results.csv,
 mixtures.png, convergence.png, and the verdict printed last.
+
+Strategies are picked on dev loss and judged on a held-out test split (a dataset without one gets
+one as large as its dev split, held out of its training file; WORKDIR/splits.json records them):
+paired t-intervals over seeds, Holm-corrected over the learned strategies, and no verdict from
+fewer than 3 seeds.
 """
 
 import sys
@@ -21,7 +26,9 @@ from mos_jax.experiments import comparison
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the runs and the report.')
 _STRATEGIES = flags.DEFINE_string('strategies', ','.join(comparison.STRATEGIES),
                                   'Comma-separated strategy names (see --list).')
-_SEEDS = flags.DEFINE_integer('seeds', 3, 'Seeds per strategy: config.seed, config.seed + 1, ...')
+_SEEDS = flags.DEFINE_integer('seeds', comparison.MIN_SEEDS,
+                              'Seeds per strategy: config.seed, config.seed + 1, ... (a verdict '
+                              f'needs {comparison.MIN_SEEDS} at least).')
 _LIST = flags.DEFINE_bool('list', False, 'Print the strategies with their overrides and exit.')
 _PRINT = flags.DEFINE_bool('print-commands', False, 'Print one train command per run and exit.')
 _COLLECT = flags.DEFINE_bool('collect', False, 'Only build the report from finished folders.')
@@ -41,10 +48,14 @@ def main(argv):
   if not _WORKDIR.value:
     raise ValueError('--workdir is required.')
   if _SEEDS.value < 1:
-    raise ValueError('--seeds must be at least 1.')
+    raise ValueError(f'--seeds={_SEEDS.value}: must be at least 1 ({comparison.MIN_SEEDS} for a '
+                     f'verdict).')
   strategies = comparison.parse_strategies(_STRATEGIES.value)
   seeds = [config.seed + k for k in range(_SEEDS.value)]
   spec, overrides = comparison.split_argv(sys.argv[1:])
+  # Before any run: the test split (refused if it overlaps train or dev), the same for all runs.
+  log = (lambda m: print(m, file=sys.stderr)) if _PRINT.value else print  # stdout: commands only
+  overrides += comparison.check_splits(config, _WORKDIR.value, log)
   runs = comparison.plan(spec, overrides, strategies, seeds, _WORKDIR.value)
   if _PRINT.value:
     print('\n'.join(r.command() for r in runs))

@@ -87,6 +87,8 @@ def _problems(config) -> list[str]:
     need(bool(entry.path), f'data.datasets.{name}.path', 'is empty')
     number(f'data.datasets.{name}.max_examples', 0, integer=True)
     number(f'data.datasets.{name}.dev_examples', 0, integer=True)
+    if 'test_examples' in entry:
+      number(f'data.datasets.{name}.test_examples', 0, integer=True)
     if 'sample' in entry:
       need(entry.sample in ('first', 'random'), f'data.datasets.{name}.sample',
            "must be 'first' or 'random'")

@@ -50,11 +50,13 @@ def paper_datasets() -> ml_collections.ConfigDict:
 
   Paths are relative to `data.root` (PAPER_DATA_ROOT unless overridden): <name>/train.jsonl is the
   seeded random 10% of the dataset (P3: of 1K random examples per subset), <name>/dev.jsonl the 1K
-  dev examples drawn outside it, so nothing is held out of the training file.
+  dev examples drawn outside it and <name>/test.jsonl 1K test examples outside both, so nothing is
+  held out of the training file.
   """
   d = ml_collections.ConfigDict()
   for name in PAPER_SIZES:  # math: MathInstruct, medicine: MedInstruct, general: ShareGPT, nlp: P3.
-    d[name] = dataset(f'{name}/train.jsonl', format='messages', dev_path=f'{name}/dev.jsonl')
+    d[name] = dataset(f'{name}/train.jsonl', format='messages', dev_path=f'{name}/dev.jsonl',
+                      test_path=f'{name}/test.jsonl')
   return d
 
 

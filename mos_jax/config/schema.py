@@ -109,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def dataset(path: str, format: str = '', split: str = 'train', max_examples: int = 0,
             dev_examples: int = 1000, dev_path: str = '', sample: str = 'first',
-            sample_seed: int = 0) -> ml_collections.ConfigDict:
+            sample_seed: int = 0, test_examples: int = 0,
+            test_path: str = '') -> ml_collections.ConfigDict:
   """One entry of `config.data.datasets`."""
   d = ml_collections.ConfigDict()
   d.path = path  # Local file/folder, save_to_disk folder, or hub id.
@@ -120,6 +121,10 @@ def dataset(path: str, format: str = '', split: str = 'train', max_examples: int
   d.sample_seed = sample_seed  # Seed of sample='random' (mixed with the dataset name).
   d.dev_examples = dev_examples  # Examples held out of `path` for dev evaluation (paper: 1K).
   d.dev_path = dev_path  # Dev set file (same format); when set nothing is held out of `path`.
+  # Held-out test split, never seen by training, strategies or checkpoint choice: its loss is
+  # computed once, after the last step. 0 = none (compare then holds out as many as dev).
+  d.test_examples = test_examples  # Distinct examples held out of `path` (apart from dev).
+  d.test_path = test_path  # Test set file (same format); when set nothing more is held out.
   return d
 
 

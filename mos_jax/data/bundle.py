@@ -24,6 +24,9 @@ class _Dataset:
   dev_records: list[dict]  # Raw records of the dev split, aligned with dev example ids.
   fingerprint: str
   train_records: list[dict] | None = None  # Raw train records (build_data(keep_records=True)).
+  # The held-out test split (empty without test_examples/test_path) and its hash.
+  test: pipeline.ExampleSource | None = None
+  test_fingerprint: str = ''
 
 
 class DataBundle:
@@ -62,6 +65,22 @@ class DataBundle:
     return pipeline.finite_batches(
         self._datasets[name].dev, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
         s['buckets'], s['process_index'], s['process_count'], packing=s['packing'])
+
+  def test_batches(self, name: str):
+    """Like dev_batches over the held-out test split (empty when the dataset has none). Only the
+    loop's evaluation after the last step reads it: no strategy, reward or checkpoint sees it."""
+    s = self._s
+    source = self._datasets[name].test
+    if source is None or not len(source):
+      return iter(())
+    return pipeline.finite_batches(
+        source, self._index(name), s['eval_rows'], s['pad_id'], s['max_len'],
+        s['buckets'], s['process_index'], s['process_count'], packing=s['packing'])
+
+  def test_fingerprint(self, name: str) -> str:
+    """Hash of the tokenized test split ('' when the dataset has none)."""
+    self._index(name)
+    return self._datasets[name].test_fingerprint
 
   def dev_window(self, name: str, index: int, batch_size: int) -> dict:
     """The `index`-th window of batch_size // process_count rows of this host's dev shard,
@@ -245,6 +264,43 @@ def _split_dev(name: str, n: int, dev: int):
   return np.sort(perm[dev:]), np.sort(perm[:dev])
 
 
+def example_hash(conv) -> str:
+  """Identity of one example by content: two records that convert to the same conversation
+  are the same example, whatever file or line they came from."""
+  return hashlib.sha1(json.dumps(conv, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _split_test(name: str, hashes: list[str], train_idx, dev_hashes: set, test: int):
+  """`test` distinct examples out of train_idx, none equal to a dev example; every copy of
+  them leaves the train split too (files repeat records: the demo does). -> train, test, copies."""
+  # Its own seed (dataset name and 'test'): adding a test split leaves the dev split as it was.
+  rng = np.random.default_rng([zlib.crc32(name.encode()), zlib.crc32(b'test')])
+  chosen, seen = [], set()
+  for i in rng.permutation(np.asarray(train_idx)):
+    if len(chosen) == test:
+      break
+    if hashes[i] not in dev_hashes and hashes[i] not in seen:
+      chosen.append(int(i))
+      seen.add(hashes[i])
+  if len(chosen) < test:
+    raise ValueError(f'dataset {name!r}: test_examples={test} but only {len(chosen)} distinct '
+                     f'training examples differ from the dev split')
+  train = np.asarray([i for i in train_idx if hashes[i] not in seen], np.int64)
+  if not len(train):
+    raise ValueError(f'dataset {name!r}: test_examples={test} leaves no training examples')
+  return train, np.sort(chosen), len(train_idx) - len(train) - test
+
+
+def _check_disjoint(name: str, hashes: dict[str, list[str]], where: str):
+  """Refuses a test split that shares an example (by content hash) with train or dev."""
+  test = set(hashes['test'])
+  for split in ('train', 'dev'):
+    shared = test & set(hashes[split])
+    if shared:
+      raise ValueError(f'dataset {name!r}: {len(shared)} test examples ({where}) also appear in '
+                       f'its {split} split; a test split must be held out of both')
+
+
 def _fingerprint(table, settings: dict) -> str:
   h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
   for column in ('input_ids', 'trained'):
@@ -302,6 +358,24 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
       skipped = records.skipped + bad
       parts = {split: (records, [convs[i] for i in idx], [record_ids[i] for i in idx])
                for split, idx in (('train', train_idx), ('dev', dev_idx))}
+    test_copies, test_where = 0, ''
+    if entry.get('test_path', ''):  # An explicit test file: nothing more is held out.
+      test = _read_dataset(name, entry, d, 'test_path', fmt)
+      skipped += test[0].skipped + test[4]
+      parts['test'] = test[:3]
+      test_where = _resolve(d.get('root', ''), entry.test_path)
+    elif int(entry.get('test_examples', 0)) > 0:
+      recs, train_convs, train_ids = parts['train']
+      hashes = [example_hash(c) for c in train_convs]
+      keep, held, test_copies = _split_test(
+          name, hashes, range(len(train_convs)), {example_hash(c) for c in parts['dev'][1]},
+          int(entry.test_examples))
+      parts['train'] = (recs, [train_convs[i] for i in keep], [train_ids[i] for i in keep])
+      parts['test'] = (recs, [train_convs[i] for i in held], [train_ids[i] for i in held])
+      test_where = f'held out of {entry.path}'
+    if 'test' in parts:
+      _check_disjoint(name, {k: [example_hash(c) for c in v[1]] for k, v in parts.items()},
+                      test_where)
     split_tables, split_records, counts = {}, {}, tokenize_lib.Counts()
     for split, (recs, split_convs, ids) in parts.items():
       where = lambda k: recs.where(ids[k])  # pylint: disable=cell-var-from-loop
@@ -323,6 +397,9 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
                 'dev_examples': entry.get('dev_examples', 0), 'max_len': d.max_len,
                 'truncation': d.truncation, 'train_on_prompt': d.train_on_prompt,
                 'template': d.template or tokenizer.chat_template}
+    if 'test' in parts:  # Only then: a run without a test split keeps its old fingerprint.
+      settings.update(test_examples=entry.get('test_examples', 0),
+                      test_path=entry.get('test_path', ''))
     if entry.get('sample', 'first') != 'first' or entry.get('dev_path', ''):
       settings.update(sample=entry.get('sample', 'first'), sample_seed=entry.get('sample_seed', 0),
                       dev_path=entry.get('dev_path', ''))
@@ -331,13 +408,19 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
         dev=pipeline.ExampleSource(split_tables['dev']),
         dev_records=split_records['dev'],
         fingerprint=_fingerprint(split_tables['train'], settings),
-        train_records=split_records.get('train'))
+        train_records=split_records.get('train'),
+        test=pipeline.ExampleSource(split_tables['test']) if 'test' in split_tables else None,
+        test_fingerprint=(_fingerprint(split_tables['test'], settings)
+                          if 'test' in split_tables else ''))
     stats[name] = {
         'format': fmt,
         'records': len(records.rows),
         'skipped_records': skipped,
         'train_examples': len(split_tables['train']),
         'dev_examples': len(split_tables['dev']),
+        'test_examples': len(split_tables['test']) if 'test' in split_tables else 0,
+        # Train copies of test examples dropped with them (repeated records).
+        'test_copies_dropped': test_copies,
         'tokens': counts.prompt_tokens + counts.response_tokens,
         'mean_prompt_len': _mean(counts.prompt_tokens, counts.kept),
         'mean_response_len': _mean(counts.response_tokens, counts.kept),

@@ -9,7 +9,8 @@ format, response length, difficulty and relatedness, so that the mixture matters
   nlp    inputs/targets  short-label classification (very short, easy; shares numbers with math)
 
 Every record carries `answer`, the exact string the final assistant turn must produce.
-Dev examples are held out by `dev_examples` in the config (`SKILLS[name].dev_examples`).
+Dev and test examples are held out by `dev_examples` and `test_examples` in the config
+(`SKILLS[name]`); the test split holds distinct examples, and their repeats leave training too.
 
 `python -m mos_jax.data.demo --out DIR` writes them (mos_jax/data/demo.py).
 """
@@ -45,14 +46,15 @@ class Skill:
   format: str
   size: int  # Examples in the file (train + dev).
   dev_examples: int  # Suggested dev slice for configs.
+  test_examples: int  # Held-out test slice (distinct examples, apart from dev), as large as dev.
 
 
 # 1014 : 201 : 360 : 2425 follows Table 1's 26.2K : 5.2K : 9.3K : 62.6K.
 SKILLS = {
-    'math': Skill('alpaca', 1014, 100),
-    'facts': Skill('prompt_response', 201, 40),
-    'chat': Skill('sharegpt', 360, 60),
-    'nlp': Skill('inputs_targets', 2425, 200),
+    'math': Skill('alpaca', 1014, 100, 100),
+    'facts': Skill('prompt_response', 201, 40, 40),
+    'chat': Skill('sharegpt', 360, 60, 60),
+    'nlp': Skill('inputs_targets', 2425, 200, 200),
 }
 
 _SYLLABLES = ['ka', 'lo', 'mi', 'ru', 'te', 'sa', 'vo', 'ni', 'pe', 'zu', 'ra', 'do', 'fi', 'gu']
@@ -251,5 +253,5 @@ def tokenizer_dir(out_dir: str) -> str:
 def config_entries(out_dir: str) -> dict:
   """`config.data.datasets` entries for the four skills in `out_dir` (files made on first use)."""
   return {name: config_lib.dataset(path=os.path.join(out_dir, f'{name}.jsonl'), format=s.format,
-                                   dev_examples=s.dev_examples)
+                                   dev_examples=s.dev_examples, test_examples=s.test_examples)
           for name, s in SKILLS.items()}

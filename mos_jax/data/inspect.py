@@ -15,7 +15,8 @@ from mos_jax.config import check as config_check
 from mos_jax.data import bundle as bundle_lib
 from mos_jax.infra import cli
 
-_COLUMNS = (('train_examples', 'train'), ('dev_examples', 'dev'), ('tokens', 'tokens'),
+_COLUMNS = (('train_examples', 'train'), ('dev_examples', 'dev'), ('test_examples', 'test'),
+            ('tokens', 'tokens'),
             ('mean_prompt_len', 'prompt'), ('mean_response_len', 'response'),
             ('truncated', 'truncated'), ('dropped_too_long', 'too long'),
             ('dropped_no_target', 'no target'), ('skipped_records', 'bad records'))

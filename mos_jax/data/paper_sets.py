@@ -1,10 +1,11 @@
 """The paper's four training sets (§4.1, Table 1), drawn reproducibly from their sources.
 
 For each dataset: read the source (hub id of the paper's footnote, or a local copy), convert every
-record to a conversation, draw a seeded random `fraction` (10%) as the training set and a dev set
-of `dev` (1K) examples from the *rest*, and write them as `messages` JSON lines:
+record to a conversation, draw a seeded random `fraction` (10%) as the training set, a dev set
+of `dev` (1K) examples from the *rest* and a test set of `test` (1K) distinct examples from the rest
+again (none equal to a train or dev example), and write them as `messages` JSON lines:
 
-    OUT/<name>/train.jsonl   OUT/<name>/dev.jsonl   OUT/manifest.json
+    OUT/<name>/train.jsonl   OUT/<name>/dev.jsonl   OUT/<name>/test.jsonl   OUT/manifest.json
 
 P3 is first reduced to `per_task` (1K) random examples of every prompted task (subset); the
 fraction and the dev set are then drawn from that pool. The same arguments give the same bytes.
@@ -192,14 +193,28 @@ def _conversations(name: str, rows: list[dict], fmt: str) -> tuple[list[dict], i
   return out, bad
 
 
-def split_indices(name: str, n: int, fraction: float, dev: int, seed: int):
-  """Sorted train and dev indices of n records, seeded by (seed, name): a random int(fraction * n)
-  for training and `dev` others for the dev set. The dev set is the tail of the permutation, so it
-  is the same for every fraction (1.0 keeps all but the dev set, e.g. as the pool for select)."""
+def split_indices(name: str, n: int, fraction: float, dev: int, seed: int, test: int = 0,
+                  hashes=None):
+  """Sorted train, dev and test indices of n records, seeded by (seed, name): a random
+  int(fraction * n) for training, `dev` others for the dev set and `test` others for the test set.
+  The dev set is the tail of the permutation, so it is the same for every fraction and test size
+  (1.0 keeps all but the dev and test sets, e.g. as the pool for select). The test set is taken
+  from the end of the rest, skipping records whose `hashes` (content) equal a train or dev one."""
   perm = _rng(seed, name).permutation(n)
   dev = min(dev, n - 1)
-  k = min(int(fraction * n), n - dev)
-  return np.sort(perm[:k]), np.sort(perm[n - dev:])
+  test = min(test, n - dev - 1)
+  k = min(int(fraction * n), n - dev - test)
+  train, dev_idx = perm[:k], perm[n - dev:]
+  hashes = hashes if hashes is not None else list(range(n))
+  taken = {hashes[i] for i in train} | {hashes[i] for i in dev_idx}
+  test_idx = []
+  for i in perm[k:n - dev][::-1]:
+    if len(test_idx) == test:
+      break
+    if hashes[i] not in taken:
+      test_idx.append(i)
+      taken.add(hashes[i])
+  return np.sort(train), np.sort(dev_idx), np.sort(np.asarray(test_idx, np.int64))
 
 
 def _hub_revision(source: str) -> str | None:
@@ -214,8 +229,13 @@ def _hub_revision(source: str) -> str | None:
 
 def prepare_paper(out: str, seed: int = 0, local_sources: dict[str, str] | None = None,
                   fraction: float = 0.1, dev: int = 1000, per_task: int = 1000,
-                  names=None, log: Callable[[str], None] = print) -> dict:
-  """Writes OUT/<name>/{train,dev}.jsonl and OUT/manifest.json for the paper's datasets."""
+                  names=None, log: Callable[[str], None] = print,
+                  test: int | None = None) -> dict:
+  """Writes OUT/<name>/{train,dev,test}.jsonl and OUT/manifest.json for the paper's datasets
+  (test=None: as many test examples as dev)."""
+  test = dev if test is None else test
+  if test < 0 or dev < 0:
+    raise ValueError(f'--dev and --test must be >= 0, got {dev} and {test}')
   local_sources = dict(local_sources or {})
   unknown = sorted(set(local_sources) - set(PAPER))
   if unknown:
@@ -231,7 +251,8 @@ def prepare_paper(out: str, seed: int = 0, local_sources: dict[str, str] | None 
       raise _missing(name, local_sources[name], 'no such file or folder')
     if PAPER[name].per_task and name not in local_sources:
       raise _missing(name, PAPER[name].hub, 'P3 is read from a local copy, one folder per subset')
-  manifest = {'seed': seed, 'fraction': fraction, 'dev': dev, 'p3_per_task': per_task,
+  manifest = {'seed': seed, 'fraction': fraction, 'dev': dev, 'test': test,
+              'p3_per_task': per_task,
               'format': 'messages', 'datasets': {}}
   for name in names:
     spec = PAPER[name]
@@ -245,20 +266,24 @@ def prepare_paper(out: str, seed: int = 0, local_sources: dict[str, str] | None 
       rows = _read_plain(name, source, local)
     records, bad = _conversations(name, rows, spec.format)
     del rows
-    train_idx, dev_idx = split_indices(name, len(records), fraction, dev, seed)
+    hashes = [json.dumps(r['messages'], sort_keys=True) for r in records]
+    train_idx, dev_idx, test_idx = split_indices(name, len(records), fraction, dev, seed, test,
+                                                 hashes)
     folder = os.path.join(out, name)
     os.makedirs(folder, exist_ok=True)
     sha = {split: jsonl.write(os.path.join(folder, f'{split}.jsonl'),
                               (records[i] for i in idx))
-           for split, idx in (('train', train_idx), ('dev', dev_idx))}
+           for split, idx in (('train', train_idx), ('dev', dev_idx), ('test', test_idx))}
     manifest['datasets'][name] = {
         'source': source, 'local': local,
         'revision': None if local else _hub_revision(source),
         'records': len(records) + bad, 'unusable_records': bad, 'pool': len(records),
-        'train': len(train_idx), 'dev': len(dev_idx), 'table1_train': spec.table1,
+        'train': len(train_idx), 'dev': len(dev_idx), 'test': len(test_idx),
+        'table1_train': spec.table1,
         'files': {f'{name}/{split}.jsonl': {'sha256': sha[split]} for split in sha},
     }
     log(f'{name}: {len(train_idx)} train (Table 1: {spec.table1}), {len(dev_idx)} dev, '
+        f'{len(test_idx)} test, '
         f'from {len(records)} usable records of {source}')
   with open(os.path.join(out, 'manifest.json'), 'w', encoding='utf-8') as f:
     f.write(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
@@ -267,10 +292,10 @@ def prepare_paper(out: str, seed: int = 0, local_sources: dict[str, str] | None 
 
 def table(manifest: dict) -> str:
   """Counts next to Table 1's."""
-  lines = [f'{"dataset":<10}{"train":>10}{"Table 1":>10}{"dev":>7}{"pool":>10}  source']
+  lines = [f'{"dataset":<10}{"train":>10}{"Table 1":>10}{"dev":>7}{"test":>7}{"pool":>10}  source']
   for name, m in manifest['datasets'].items():
     lines.append(f'{name:<10}{m["train"]:>10,}{m["table1_train"]:>10,}{m["dev"]:>7,}'
-                 f'{m["pool"]:>10,}  {m["source"]}')
+                 f'{m.get("test", 0):>7,}{m["pool"]:>10,}  {m["source"]}')
   total = sum(m['train'] for m in manifest['datasets'].values())
   table1 = sum(m['table1_train'] for m in manifest['datasets'].values())
   lines.append(f'{"total":<10}{total:>10,}{table1:>10,}')

@@ -4,7 +4,9 @@
         [--source general=/data/ShareGPT_V3_unfiltered_cleaned_split.json] --source nlp=/data/P3
 
 Writes OUT/<name>/train.jsonl (a seeded random 10% of each dataset; P3: of 1K random examples per
-subset), OUT/<name>/dev.jsonl (1K examples outside the training sample) and OUT/manifest.json,
+subset), OUT/<name>/dev.jsonl (1K examples outside the training sample), OUT/<name>/test.jsonl
+(1K more, none equal to a train or dev example; only compare's verdict reads it) and
+OUT/manifest.json,
 and prints the counts next to Table 1's. The same arguments reproduce the files byte for byte.
 """
 
@@ -20,6 +22,8 @@ _SOURCE = flags.DEFINE_multi_string(
     'of its hub id; P3 (nlp) needs one: a folder with one sub-folder per subset.')
 _FRACTION = flags.DEFINE_float('fraction', 0.1, 'Share of each dataset kept for training.')
 _DEV = flags.DEFINE_integer('dev', 1000, 'Dev examples per dataset, drawn outside the training set.')
+_TEST = flags.DEFINE_integer('test', None, 'Test examples per dataset, drawn outside train and '
+                            'dev (default: as many as --dev).')
 _PER_TASK = flags.DEFINE_integer('p3_per_task', 1000, 'P3 examples drawn per subset first.')
 _DATASETS = flags.DEFINE_list('datasets', list(paper_sets.PAPER), 'Datasets to prepare.')
 
@@ -40,7 +44,8 @@ def main(argv):
                          '[--source name=PATH ...]')
   manifest = paper_sets.prepare_paper(
       _OUT.value, seed=_SEED.value, local_sources=_sources(_SOURCE.value),
-      fraction=_FRACTION.value, dev=_DEV.value, per_task=_PER_TASK.value, names=_DATASETS.value)
+      fraction=_FRACTION.value, dev=_DEV.value, per_task=_PER_TASK.value, names=_DATASETS.value,
+      test=_TEST.value)
   print(paper_sets.table(manifest))
 
 

@@ -4,7 +4,9 @@ A task is one of
   - any lm-eval task or group name (`mmlu`, `gsm8k`, `arc_easy`, ... or one of `--include_path`),
     run by lm-eval's `simple_evaluate` on our model (mos_jax.evals.lm_eval_model);
   - `paper_mmlu`: MMLU zero-shot, accuracy per category (mathematics, medicine, others) and over
-    all subjects (mu_MU), the paper's Table 2/3 columns;
+    all subjects, averaged two ways (mmlu_subject_macro: every subject counts once;
+    mmlu_question_weighted: every question does); mu_MU, the paper's Table 2/3 column, is the
+    subject-macro one, which rebuilds Table 2 from its own group columns far better;
   - `paper_math`: GSM8K 5-shot, MATH 5-shot (lm-eval's hendrycks_math), MMLU math subjects 0-shot,
     and their mean mu_all (Table 5);
   - `skills`: per-dataset dev loss and exact match of greedy answers (mos_jax.evals.skills);
@@ -100,8 +102,15 @@ def _weighted(results: dict, n_samples: dict, tasks, metric: str) -> float | Non
   return total / count if count else None
 
 
+def _macro(results: dict, tasks, metric: str) -> float | None:
+  values = [v for v in (_metric(results.get(t, {}), metric) for t in tasks) if v is not None]
+  return float(np.mean(values)) if values else None
+
+
 def mmlu_summary(results: dict, n_samples: dict) -> dict[str, float]:
-  """Accuracy (%) per category and over every subject present, weighted by questions."""
+  """Accuracy (%) per category and over every subject present, two ways:
+  mmlu_subject_macro[/<category>] (mean over subjects) and mmlu_question_weighted[/<category>]
+  (subjects weighted by their questions). mu_MU = the subject-macro one over all 57 subjects."""
   present = [s for s in MMLU_SUBJECTS if f'mmlu_{s}' in results]
   if not present:
     return {}
@@ -109,11 +118,14 @@ def mmlu_summary(results: dict, n_samples: dict) -> dict[str, float]:
   out = {}
   for key, subjects in (('mathematics', MMLU_MATH), ('medicine', MMLU_MEDICINE),
                         ('others', others), ('all', present)):
-    acc = _weighted(results, n_samples, [f'mmlu_{s}' for s in subjects if s in present], 'acc')
-    if acc is not None:
-      out[f'mmlu/{key}'] = 100 * acc
-  if len(present) == len(MMLU_SUBJECTS) and 'mmlu/all' in out:
-    out['mu_MU'] = out['mmlu/all']
+    tasks = [f'mmlu_{s}' for s in subjects if s in present]
+    suffix = '' if key == 'all' else f'/{key}'
+    for average, acc in (('mmlu_subject_macro', _macro(results, tasks, 'acc')),
+                         ('mmlu_question_weighted', _weighted(results, n_samples, tasks, 'acc'))):
+      if acc is not None:
+        out[average + suffix] = 100 * acc
+  if len(present) == len(MMLU_SUBJECTS) and 'mmlu_subject_macro' in out:
+    out['mu_MU'] = out['mmlu_subject_macro']
   return out
 
 

@@ -6,6 +6,12 @@ rerun resumes it); `evaluate_all` scores finished runs on `mos_jax.evaluate` tas
 DIR/<strategy>/seed<k>/eval/<step>.json); `collect` reads the finished run folders and writes
 DIR/results.md, DIR/results.csv, DIR/mixtures.png and DIR/convergence.png and returns the
 one-line verdict.
+
+The verdict (`verdict`): the best static and the best learned strategy are picked on mean dev
+loss; each learned strategy's per-seed mean test loss minus the best static's on the same seed
+gives a paired t-interval, Holm-Bonferroni corrected over the learned strategies; `beats` or
+`loses to` only when that corrected interval excludes 0, and nothing below MIN_SEEDS paired seeds.
+`check_splits` builds the data once before any run: the test split every run is scored on.
 """
 
 from __future__ import annotations
@@ -21,8 +27,13 @@ import sys
 import time
 
 import numpy as np
+from scipy import stats
 
 from mos_jax.workdir import metrics as metrics_lib
+
+ALPHA = 0.05  # Family-wise error rate of the verdict: its intervals are 95% ones.
+MIN_SEEDS = 3  # Fewer paired seeds than this: no verdict ("too few seeds to tell").
+SPLITS_FILE = 'splits.json'  # DIR/splits.json: the splits every run of DIR was scored on.
 
 # name -> config overrides: every setting that tells a strategy's rows apart, so `--list` and the
 # run commands name it. Dynamic strategies keep the recipe's other mixing settings (prior,
@@ -69,7 +80,65 @@ def parse_strategies(text: str) -> list[str]:
   if unknown or not names:
     raise ValueError(f'--strategies: unknown {unknown or "(none given)"}; choose from '
                      f'{",".join(STRATEGIES)} (see --list).')
+  twice = sorted({s for s in names if names.count(s) > 1})
+  if twice:
+    raise ValueError(f'--strategies: {",".join(twice)} given twice; name each strategy once.')
   return names
+
+
+def check_splits(config, workdir: str, log=print) -> list[str]:
+  """Before any run: builds the data once (a test split that shares an example with train or dev
+  is refused there), holds a test split as large as the dev split out of the training file of
+  every dataset that has none (returned: the overrides every run gets), and writes
+  DIR/splits.json, or refuses when DIR's runs were scored on other splits."""
+  import copy  # pylint: disable=g-import-not-at-top
+  from mos_jax.data import bundle as bundle_lib  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  config.data.num_workers = 0  # Nothing is iterated: no worker processes.
+  data = bundle_lib.build_data(config)
+  data.close()
+  extra = []
+  for name in data.names:
+    if data.stats[name]['test_examples'] == 0:
+      count = data.stats[name]['dev_examples']
+      extra.append(f'--config.data.datasets.{name}.test_examples={count}')
+      config.data.datasets[name].test_examples = count
+      log(f'dataset {name!r} has no test split: {count} examples (as many as its dev split) are '
+          f'held out of its training file for it, in every run ({extra[-1]})')
+  if extra:
+    data = bundle_lib.build_data(config)
+    data.close()
+  splits = {n: {'train_examples': data.stats[n]['train_examples'],
+                'dev_examples': data.stats[n]['dev_examples'],
+                'test_examples': data.stats[n]['test_examples'],
+                'test_from': config.data.datasets[n].get('test_path', '') or 'training file',
+                'train_fingerprint': data.fingerprint(n),
+                'test_fingerprint': data.test_fingerprint(n)} for n in data.names}
+  path = os.path.join(workdir, SPLITS_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for name in sorted(set(saved) | set(splits)):
+      old, new = saved.get(name, {}), splits.get(name, {})
+      for key in ('test_fingerprint', 'train_fingerprint'):
+        if old.get(key) != new.get(key):
+          raise ValueError(f'{path}: the {key.split("_")[0]} split of dataset {name!r} differs '
+                           f'from the one the runs in {workdir} were scored on; old and new runs '
+                           f'do not mix: restore the data settings or use a new --workdir.')
+  else:
+    started = [d for d in (os.listdir(workdir) if os.path.isdir(workdir) else [])
+               if d in STRATEGIES and os.path.isdir(os.path.join(workdir, d))]
+    if started:
+      raise ValueError(f'{workdir}: holds runs ({", ".join(sorted(started))}) from before test '
+                       f'splits (no {SPLITS_FILE}); old and new runs do not mix: use a new '
+                       f'--workdir.')
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(splits, f, indent=2)
+  for name, m in splits.items():
+    log(f'{name}: {m["train_examples"]} train, {m["dev_examples"]} dev, {m["test_examples"]} '
+        f'test examples (test from {m["test_from"]})')
+  return extra
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +204,9 @@ def read_run(folder: str) -> list[dict]:
 
 
 def is_finished(folder: str, steps: int, names) -> bool:
-  """The run logged its final dev evaluation (step == train.steps)."""
+  """The run logged its final dev and test evaluation (step == train.steps)."""
   rows = [r for r in read_run(folder) if r['step'] == steps]
-  return any(all(f'eval/{n}/loss' in r for n in names) for r in rows)
+  return any(all(f'eval/{n}/loss' in r and f'test/{n}/loss' in r for n in names) for r in rows)
 
 
 def run_all(runs: list[RunSpec], steps: int, names, log=print) -> list[RunSpec]:
@@ -220,15 +289,18 @@ class RunResult:
   mixture: dict[str, tuple[list[int], list[float]]]  # dataset -> (steps, p)
   train_s: float  # seconds spent in training steps (evaluation and checkpoints left out)
   tasks: dict[str, float] = dataclasses.field(default_factory=dict)  # task_scores of the run
+  test: dict[str, float] = dataclasses.field(default_factory=dict)  # dataset -> final test loss
 
 
 def summarize_run(rows: list[dict], names, steps: int) -> RunResult:
-  curve, final = {}, {}
+  curve, final, test = {}, {}, {}
   for r in rows:
     if all(f'eval/{n}/loss' in r for n in names):
       curve[r['step']] = float(np.mean([r[f'eval/{n}/loss'] for n in names]))
       if r['step'] == steps:
         final = {n: float(r[f'eval/{n}/loss']) for n in names}
+    if r['step'] == steps and all(f'test/{n}/loss' in r for n in names):
+      test = {n: float(r[f'test/{n}/loss']) for n in names}
   mixture = {n: ([r['step'] for r in rows if f'mixture/{n}' in r],
                  [r[f'mixture/{n}'] for r in rows if f'mixture/{n}' in r]) for n in names}
   train_s, previous = 0.0, 0
@@ -236,7 +308,7 @@ def summarize_run(rows: list[dict], names, steps: int) -> RunResult:
     if 'perf/step_s' in r:
       train_s += r['perf/step_s'] * (r['step'] - previous)
       previous = r['step']
-  return RunResult(final, curve, mixture, train_s)
+  return RunResult(final, curve, mixture, train_s, test=test)
 
 
 def _steps_to(curve: dict[int, float], target: float) -> int | None:
@@ -246,9 +318,129 @@ def _steps_to(curve: dict[int, float], target: float) -> int | None:
   return None
 
 
-def _mean_std(values) -> tuple[float, float]:
+def _mean_se(values) -> tuple[float, float]:
+  """Mean and standard error of the mean (0 for one value: nothing to estimate it from)."""
   values = np.asarray(values, np.float64)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  if not len(values):
+    return float('nan'), float('nan')
+  se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+  return float(values.mean()), se
+
+
+# --- The verdict: paired t-intervals, Holm-Bonferroni over the learned strategies ---------------
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+  """Per-seed differences of one learned strategy against the best static, tested against `null`
+  (0 for a loss difference, 1 for a speed-up) in Holm's step-down family."""
+  n: int  # paired seeds
+  mean: float
+  se: float
+  p: float  # two-sided t-test p-value, uncorrected (1 below MIN_SEEDS)
+  p_holm: float  # Holm-adjusted p-value
+  confidence: float  # level of this strategy's own interval (0.95 / (m - step) under Holm)
+  lo: float  # the Holm-corrected interval: together the intervals hold with 95% confidence
+  hi: float
+  significant: bool  # the corrected interval excludes the null (Holm rejects)
+
+
+def paired_tests(diffs: dict[str, list[float]], null: float = 0.0,
+                 alpha: float = ALPHA) -> dict[str, Paired]:
+  """Paired t-tests of every strategy's differences, Holm-Bonferroni corrected over all of them.
+
+  Holm sorts the p-values and tests the k-th smallest (k = 0, 1, ...) at alpha / (m - k), stopping
+  at the first it cannot reject; strategy k's interval is the t-interval at 1 - alpha / (m - j)
+  with j = min(k, stop), so an interval excludes the null exactly when Holm rejects it.
+  """
+  raw = {}
+  for name, values in diffs.items():
+    values = np.asarray(values, np.float64)
+    n = len(values)
+    mean, se = _mean_se(values)
+    if n < MIN_SEEDS:
+      p = 1.0
+    elif se == 0.0:  # Every seed gave the same difference.
+      p = 1.0 if mean == null else 0.0
+    else:
+      p = float(2 * stats.t.sf(abs(mean - null) / se, n - 1))
+    raw[name] = (n, mean, se, p)
+  m = len(raw)
+  order = sorted(raw, key=lambda k: raw[k][3])
+  stop = next((k for k, name in enumerate(order) if not raw[name][3] < alpha / (m - k)), m)
+  out, running = {}, 0.0
+  for k, name in enumerate(order):
+    n, mean, se, p = raw[name]
+    running = max(running, min(1.0, (m - k) * p))
+    level = alpha / (m - min(k, stop))
+    half = float(stats.t.ppf(1 - level / 2, n - 1)) * se if n >= 2 else float('inf')
+    lo, hi = (mean - half, mean + half) if n >= MIN_SEEDS else (float('nan'), float('nan'))
+    out[name] = Paired(n, mean, se, p, running, 1 - level, lo, hi, n >= MIN_SEEDS and k < stop)
+  return {name: out[name] for name in diffs}
+
+
+def _word(test: Paired) -> str:
+  if test.n < MIN_SEEDS:
+    return f'too few seeds to tell (n={test.n})'
+  if not test.significant:
+    return 'ties'
+  return 'beats' if test.mean < 0 else 'loses to'
+
+
+def verdict(dev_mean: dict[str, float], per_seed_test: dict[str, dict[int, float]], statics,
+            learned) -> tuple[str, list[str], dict[str, Paired]]:
+  """The verdict line, one line per learned strategy, and their paired tests.
+
+  dev_mean: strategy -> mean dev loss over seeds (picks the best static and the best learned);
+  per_seed_test: strategy -> {seed: mean test loss over datasets}.
+  """
+  statics = [s for s in statics if s in dev_mean]
+  learned = [s for s in learned if s in dev_mean]
+  if not learned or not statics:
+    return ('verdict: need at least one finished static and one finished learned strategy.', [],
+            {})
+  static = min(statics, key=lambda n: dev_mean[n])
+  best = min(learned, key=lambda n: dev_mean[n])
+  base = per_seed_test[static]
+  diffs = {n: [per_seed_test[n][s] - base[s] for s in sorted(per_seed_test[n]) if s in base]
+           for n in learned}
+  tests = paired_tests(diffs)
+  lines = [_line(n, static, tests[n], len(learned)) for n in learned]
+  t = tests[best]
+  head = f'verdict: best learned {best} vs best static {static} (both picked on dev)'
+  if t.n < MIN_SEEDS:
+    line = (f'{head}: too few seeds to tell (n={t.n}); mean test loss difference '
+            f'{t.mean:+.4f}; run --seeds {MIN_SEEDS} or more')
+  else:
+    line = (f'verdict: best learned {best} {_word(t)} best static {static} (both picked on dev) '
+            f'on mean test loss: difference {t.mean:+.4f}, 95% CI [{t.lo:+.4f}, {t.hi:+.4f}] '
+            f'(paired t over n={t.n} seeds, Holm-corrected over {len(learned)} learned '
+            f'strategies: {100 * t.confidence:.1f}% for this one alone, p={t.p_holm:.3g}; lower '
+            f'is better)')
+  return line, lines, tests
+
+
+def _line(name: str, static: str, t: Paired, m: int) -> str:
+  if t.n < MIN_SEEDS:
+    return (f'{name}: too few seeds to tell (n={t.n}) against {static}; mean test loss '
+            f'difference {t.mean:+.4f}')
+  return (f'{name} {_word(t)} {static}: mean test loss difference {t.mean:+.4f} ± {t.se:.4f} '
+          f'(SE), 95% CI [{t.lo:+.4f}, {t.hi:+.4f}] (Holm over {m}: '
+          f'{100 * t.confidence:.1f}% alone), p={t.p:.3g}, Holm p={t.p_holm:.3g}, n={t.n}')
+
+
+def _speedups(results, name: str, static: str, seeds, steps: int) -> list[float]:
+  """Per paired seed: steps the best static needs to reach its own final mean dev loss over the
+  steps `name` needs to reach it (seeds where `name` never reaches it are left out)."""
+  out = []
+  for s in seeds:
+    if (name, s) not in results or (static, s) not in results:
+      continue
+    base = results[(static, s)]
+    target = float(np.mean(list(base.final.values())))
+    mine, theirs = _steps_to(results[(name, s)].curve, target), _steps_to(base.curve, target)
+    if mine and theirs:
+      out.append(theirs / mine)
+  return out
 
 
 def _ranks(values: dict[str, float]) -> dict[str, int]:
@@ -278,21 +470,25 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
     runs = [results[(name, s)] for s in seeds if (name, s) in results]
     row = {'seeds': len(runs)}
     for n in names:
-      row[n] = _mean_std([r.final[n] for r in runs])
-    row['mean'] = _mean_std([np.mean([r.final[n] for n in names]) for r in runs])
+      row[n] = _mean_se([r.test[n] for r in runs])
+      row[f'dev/{n}'] = _mean_se([r.final[n] for r in runs])
+    row['mean'] = _mean_se([np.mean([r.test[n] for n in names]) for r in runs])
+    row['dev'] = _mean_se([np.mean([r.final[n] for n in names]) for r in runs])
     common = sorted(set.intersection(*(set(r.curve) for r in runs)))
     row['curve'] = {s: float(np.mean([r.curve[s] for r in runs])) for s in common}
-    row['train_s'] = _mean_std([r.train_s for r in runs])
-    row['tasks'] = {k: _mean_std([r.tasks[k] for r in runs if k in r.tasks])
+    row['train_s'] = _mean_se([r.train_s for r in runs])
+    row['tasks'] = {k: _mean_se([r.tasks[k] for r in runs if k in r.tasks])
                     for k in sorted(set().union(*(r.tasks for r in runs)))}
-    row['per_seed_mean'] = {s: float(np.mean([results[(name, s)].final[n] for n in names]))
+    row['per_seed_test'] = {s: float(np.mean([results[(name, s)].test[n] for n in names]))
                             for s in seeds if (name, s) in results}
     table[name] = row
 
   statics = [n for n in present if is_static(n)]
   learned = [n for n in present if not is_static(n)]
-  best_static = min(statics, key=lambda n: table[n]['mean'][0]) if statics else None
-  target = table[best_static]['mean'][0] if best_static else None
+  line, lines, tests = verdict({n: table[n]['dev'][0] for n in present},
+                               {n: table[n]['per_seed_test'] for n in present}, statics, learned)
+  best_static = min(statics, key=lambda n: table[n]['dev'][0]) if statics else None
+  target = table[best_static]['dev'][0] if best_static else None
   static_step_s = (np.mean([table[n]['train_s'][0] for n in statics]) / steps) if statics else None
   for row in table.values():
     row['steps_to_target'] = _steps_to(row['curve'], target) if target is not None else None
@@ -301,60 +497,68 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
     row['speedup'] = (base_steps / row['steps_to_target']
                       if base_steps and row['steps_to_target'] else None)
     row['overhead'] = (row['train_s'][0] / steps / static_step_s - 1.0) if static_step_s else None
+  speed_tests = {}
+  if best_static:
+    speed_tests = paired_tests({n: _speedups(results, n, best_static, seeds, steps)
+                                for n in learned}, null=1.0)
+    for n, t in speed_tests.items():
+      reached = len(_speedups(results, n, best_static, seeds, steps))
+      paired = sum((n, s) in results and (best_static, s) in results for s in seeds)
+      if t.n < MIN_SEEDS:
+        lines.append(f'{n} speed-up to {best_static}\'s final dev loss: too few seeds to tell '
+                     f'(n={t.n}; reached in {reached} of {paired} paired seeds)')
+      else:
+        word = ('faster than' if t.mean > 1 else 'slower than') if t.significant else 'ties'
+        lines.append(f'{n} speed-up to {best_static}\'s final dev loss: {t.mean:.2f}x, 95% CI '
+                     f'[{t.lo:.2f}x, {t.hi:.2f}x] (Holm over {len(learned)}), {word} '
+                     f'{best_static}, n={t.n} (reached in {reached} of {paired} paired seeds)')
 
   task_columns = sorted(set().union(*(row['tasks'] for row in table.values())))
-  verdict = _verdict(table, learned, best_static, seeds)
   _write_md(os.path.join(workdir, 'results.md'), table, names, missing, best_static, target,
-            verdict, header, steps, task_columns)
-  _write_csv(os.path.join(workdir, 'results.csv'), table, names, task_columns)
+            line, header, steps, task_columns, lines)
+  _write_csv(os.path.join(workdir, 'results.csv'), table, names, task_columns, tests,
+             speed_tests)
   _plot_mixtures(os.path.join(workdir, 'mixtures.png'), present, results, seeds, names)
   _plot_convergence(os.path.join(workdir, 'convergence.png'), table, target)
-  return {'table': table, 'missing': missing, 'best_static': best_static, 'verdict': verdict}
+  return {'table': table, 'missing': missing, 'best_static': best_static, 'verdict': line,
+          'lines': lines, 'tests': tests, 'speedups': speed_tests}
 
 
-def _verdict(table, learned, best_static, seeds) -> str:
-  if not learned or best_static is None:
-    return 'verdict: need at least one finished static and one finished learned strategy.'
-  best = min(learned, key=lambda n: table[n]['mean'][0])
-  paired = [s for s in seeds if s in table[best]['per_seed_mean']
-            and s in table[best_static]['per_seed_mean']]
-  diffs = [table[best]['per_seed_mean'][s] - table[best_static]['per_seed_mean'][s]
-           for s in paired]
-  diff, spread = _mean_std(diffs)
-  if abs(diff) <= spread:
-    word = 'is within the seed spread of'
-  else:
-    word = 'beats' if diff < 0 else 'loses to'
-  return (f'verdict: best learned {best} ({table[best]["mean"][0]:.4f}) {word} best static '
-          f'{best_static} ({table[best_static]["mean"][0]:.4f}): mean dev loss difference '
-          f'{diff:+.4f} ± {spread:.4f} (std over {len(paired)} paired seeds; lower is better)')
+def _fmt(mean_se) -> str:
+  return f'{mean_se[0]:.4f} ± {mean_se[1]:.4f}'
 
 
-def _fmt(mean_std) -> str:
-  return f'{mean_std[0]:.4f} ± {mean_std[1]:.4f}'
+METHOD = ('Method: the best static and the best learned strategy are picked on mean dev loss; '
+          'for each learned strategy, its per-seed mean test loss minus the best static\'s on '
+          'the same seed gives a paired t-interval, Holm-Bonferroni corrected over the learned '
+          'strategies so that together they hold with 95% confidence. A strategy beats or loses '
+          'to the best static only when its corrected interval excludes 0, otherwise it ties, '
+          f'and with fewer than {MIN_SEEDS} paired seeds no verdict is given.')
 
 
-def _write_md(path, table, names, missing, best_static, target, verdict, header, steps,
-              task_columns=()):
-  cols = list(names) + ['mean']
+def _write_md(path, table, names, missing, best_static, target, verdict_line, header, steps,
+              task_columns=(), lines=()):
+  cols = list(names) + ['mean', 'dev']
   ranks = {c: _ranks({k: row[c][0] for k, row in table.items()}) for c in cols}
-  lines = ['# Mixing strategies compared', '']
+  out = ['# Mixing strategies compared', '']
   if header:
-    lines += [header, '']
-  lines += [f'Final dev loss (token-weighted, step {steps}) per dataset and their mean (the '
-            f'analogue of the paper\'s mu), mean ± std over seeds; **best**, <u>second best</u>. '
-            f'"steps to static" = first evaluation step at which the strategy\'s seed-averaged mean '
-            f'dev loss reaches the best static baseline\'s final one '
-            f'({best_static}: {target:.4f}); speed-up = that of {best_static} / this one. '
-            f'Train s = seconds in training steps per run (evaluation and checkpoints left out); '
-            f'overhead = time per step against the static runs\' mean.'
-            if best_static else 'No static baseline finished: no steps-to-static column.', '']
+    out += [header, '']
+  out += [f'Final test loss (token-weighted, step {steps}, on the held-out test split no '
+          f'strategy saw) per dataset and their mean (the analogue of the paper\'s mu); "mean '
+          f'dev" = mean dev loss, which picks the best strategies; mean ± standard error over '
+          f'seeds; **best**, <u>second best</u>. "steps to static" = first evaluation step at '
+          f'which the strategy\'s seed-averaged mean dev loss reaches the best static '
+          f'baseline\'s final one ({best_static}: {target:.4f}); speed-up = that of '
+          f'{best_static} / this one. Train s = seconds in training steps per run (evaluation '
+          f'and checkpoints left out); overhead = time per step against the static runs\' mean.'
+          if best_static else 'No static baseline finished: no steps-to-static column.', '']
   if task_columns:
-    lines += ['Task columns: `python -m mos_jax.evaluate` scores of the final checkpoint (lm-eval '
-              'metrics as task/metric, our summaries such as mu_MU), mean ± std over seeds.', '']
-  head = ['strategy', 'seeds', *names, 'mean', 'steps to static', 'speed-up', 'train s',
-          'overhead', *task_columns]
-  lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    out += ['Task columns: `python -m mos_jax.evaluate` scores of the final checkpoint (lm-eval '
+            'metrics as task/metric, our summaries such as mu_MU), mean ± standard error over '
+            'seeds.', '']
+  head = ['strategy', 'seeds', *names, 'mean', 'mean dev', 'steps to static', 'speed-up',
+          'train s', 'overhead', *task_columns]
+  out += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, row in table.items():
     cells = [name, str(row['seeds'])]
     cells += [_mark(_fmt(row[c]), ranks[c][name]) for c in cols]
@@ -363,30 +567,43 @@ def _write_md(path, table, names, missing, best_static, target, verdict, header,
     cells.append(f'{row["train_s"][0]:.1f}')
     cells.append(f'{100 * row["overhead"]:+.0f}%' if row['overhead'] is not None else '-')
     cells += [_fmt(row['tasks'][c]) if c in row['tasks'] else '-' for c in task_columns]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  lines.append('')
+    out.append('| ' + ' | '.join(cells) + ' |')
+  out.append('')
   if missing:
-    lines += ['Missing (unfinished or failed): ' + ', '.join(f'{n} seed {s}' for n, s in missing),
-              '']
-  lines += [verdict, '']
+    out += ['Missing (unfinished or failed): ' + ', '.join(f'{n} seed {s}' for n, s in missing),
+            '']
+  out += [METHOD, '']
+  out += [f'- {line}' for line in lines]
+  out += ['', verdict_line, '']
   with open(path, 'w') as f:
-    f.write('\n'.join(lines))
+    f.write('\n'.join(out))
 
 
-def _write_csv(path, table, names, task_columns=()):
+def _write_csv(path, table, names, task_columns=(), tests=None, speed_tests=None):
+  tests, speed_tests = tests or {}, speed_tests or {}
   head = ['strategy', 'seeds']
   for c in list(names) + ['mean']:
-    head += [f'{c}_dev_loss', f'{c}_dev_loss_std']
-  head += ['steps_to_static', 'speedup', 'train_s', 'train_s_std', 'overhead']
+    head += [f'{c}_test_loss', f'{c}_test_loss_se']
+  for c in names:
+    head += [f'{c}_dev_loss', f'{c}_dev_loss_se']
+  head += ['mean_dev_loss', 'mean_dev_loss_se']
+  head += ['diff_vs_best_static', 'diff_se', 'diff_ci_lo', 'diff_ci_hi', 'diff_p', 'diff_p_holm',
+           'speedup_mean', 'speedup_ci_lo', 'speedup_ci_hi']
+  head += ['steps_to_static', 'speedup', 'train_s', 'train_s_se', 'overhead']
   for c in task_columns:
-    head += [c, f'{c}_std']
+    head += [c, f'{c}_se']
+  num = lambda x: '' if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)
   with open(path, 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(head)
     for name, row in table.items():
       cells = [name, row['seeds']]
-      for c in list(names) + ['mean']:
+      for c in list(names) + ['mean'] + [f'dev/{n}' for n in names] + ['dev']:
         cells += [repr(row[c][0]), repr(row[c][1])]
+      t, sp = tests.get(name), speed_tests.get(name)
+      cells += ([num(t.mean), num(t.se), num(t.lo), num(t.hi), num(t.p), num(t.p_holm)]
+                if t else [''] * 6)
+      cells += [num(sp.mean), num(sp.lo), num(sp.hi)] if sp else [''] * 3
       cells += [row['steps_to_target'] or '', row['speedup'] or '', repr(row['train_s'][0]),
                 repr(row['train_s'][1]), '' if row['overhead'] is None else repr(row['overhead'])]
       for c in task_columns:

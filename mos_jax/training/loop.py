@@ -49,6 +49,19 @@ def evaluate(run: Run) -> dict[str, float]:
   return out
 
 
+def evaluate_test(run: Run) -> dict[str, float]:
+  """Token-weighted loss per dataset on the whole held-out test split (datasets without one are
+  left out). Called once, after the last step: nothing that steers training reads it."""
+  out = {}
+  for name in run.data.names:
+    sums = [run.eval_fn(run.state.params, distributed.host_local_to_global(batch, run.mesh))
+            for batch in run.data.test_batches(name)]
+    nll_sum, tokens = np.sum(jax.device_get(sums), axis=0) if sums else (0.0, 0.0)
+    if tokens > 0:
+      out[f'test/{name}/loss'] = float(nll_sum / tokens)
+  return out
+
+
 def update_mixture(run: Run) -> dict[str, float]:
   """Algorithm 1 lines 6-11: the strategy's signals from one batch of every dataset (train reward
   batches and/or dev batches, as its signals need), then its update."""
@@ -201,6 +214,11 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
         dev = evaluate(run)
         say(_eval_text(step, dev, names))
         line.update(dev)
+      if last:  # Training is over: the test split is read here, and only here.
+        test = evaluate_test(run)
+        if test:
+          say(_eval_text(step, test, names, 'test'))
+        line.update(test)
       if checkpoint_now:
         _save(run, step, feed, run.meta, say)  # The loader position of step + 1.
       window.pause(time.perf_counter() - paused)
@@ -285,9 +303,10 @@ def _mixture_metrics(run: Run, position: dict) -> dict[str, float]:
   return out
 
 
-def _eval_text(step, dev, names):
-  losses = ' '.join(f'{n}={dev[f"eval/{n}/loss"]:.3f}' for n in names if f'eval/{n}/loss' in dev)
-  return f'step {step}: dev loss {losses}'
+def _eval_text(step, dev, names, split='eval'):
+  losses = ' '.join(f'{n}={dev[f"{split}/{n}/loss"]:.3f}' for n in names
+                    if f'{split}/{n}/loss' in dev)
+  return f'step {step}: {"dev" if split == "eval" else split} loss {losses}'
 
 
 def _progress_text(line, names):

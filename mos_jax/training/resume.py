@@ -89,8 +89,15 @@ def check_same_data(saved: dict, current: dict, workdir: str):
     raise ValueError(f'{workdir}: these settings changed since the checkpoint (saved, now): '
                      f'{changed}; the loader cannot resume where it stopped with them. Restore '
                      f'them, or use a new workdir.')
+  saved_entries = saved.get('config', {}).get('data', {}).get('datasets', {})
   for name, fingerprint in current['fingerprints'].items():
     if saved.get('fingerprints', {}).get(name) != fingerprint:
+      entry = saved_entries.get(name, {})
+      # A checkpoint from before test splits: holding one out of the train file changed it.
+      hint = (f' The checkpoint predates test splits: resume it with '
+              f'--config.data.datasets.{name}.test_examples=0 (no test split), or use a new '
+              f'workdir.' if entry and 'test_examples' not in entry else
+              ' Restore the data and settings, or use a new workdir.')
       raise ValueError(f'{workdir}: dataset {name!r} changed since the checkpoint (its tokenized '
                        f'data or data settings differ), so the loader cannot resume where it '
-                       f'stopped. Restore the data and settings, or use a new workdir.')
+                       f'stopped.{hint}')

@@ -105,7 +105,10 @@ def test_tokenizer_loads_with_a_chat_template(demo_dir):
 def test_build_data_on_the_demo(demo_dir):
   data = build_data(_demo_config(demo_dir))
   assert data.names == ['chat', 'facts', 'math', 'nlp']
-  assert data.sizes == [demo_skills.SKILLS[n].size - demo_skills.SKILLS[n].dev_examples for n in data.names]
+  assert data.sizes == [demo_skills.SKILLS[n].size - demo_skills.SKILLS[n].dev_examples
+                        - demo_skills.SKILLS[n].test_examples
+                        - data.stats[n]['test_copies_dropped']
+                        for n in data.names]  # A test example's repeats leave training too.
   for name in data.names:
     s = data.stats[name]
     assert s['truncated'] == s['dropped_too_long'] == s['dropped_no_target'] == 0
@@ -135,7 +138,8 @@ def test_inspect_command_with_override(demo_dir, tmp_path):
   data = build_data(_demo_config(demo_dir, max_len=40))
   for name in data.names:  # train, dev, tokens, ..., truncated as in an in-process build.
     s = data.stats[name]
-    assert rows[name][2:5] == [str(s['train_examples']), str(s['dev_examples']), str(s['tokens'])]
-    assert rows[name][7] == str(s['truncated'])
-  assert int(rows['math'][7]) > 0
+    assert rows[name][2:6] == [str(s['train_examples']), str(s['dev_examples']),
+                               str(s['test_examples']), str(s['tokens'])]
+    assert rows[name][8] == str(s['truncated'])
+  assert int(rows['math'][8]) > 0
   data.close()

@@ -44,10 +44,11 @@ def test_mmlu_categories_by_hand():
               'nutrition', 'professional_medicine', 'virology']
   others = [s for s in tasks_lib.MMLU_SUBJECTS if s not in math + medicine]
   assert len(others) == 45
-  assert got['mmlu/mathematics'] == pytest.approx(by_hand(math))
-  assert got['mmlu/medicine'] == pytest.approx(by_hand(medicine))
-  assert got['mmlu/others'] == pytest.approx(by_hand(others))
-  assert got['mu_MU'] == got['mmlu/all'] == pytest.approx(by_hand(tasks_lib.MMLU_SUBJECTS))
+  assert got['mmlu_question_weighted/mathematics'] == pytest.approx(by_hand(math))
+  assert got['mmlu_question_weighted/medicine'] == pytest.approx(by_hand(medicine))
+  assert got['mmlu_question_weighted/others'] == pytest.approx(by_hand(others))
+  assert got['mmlu_question_weighted'] == pytest.approx(by_hand(tasks_lib.MMLU_SUBJECTS))
+  assert got['mu_MU'] == got['mmlu_subject_macro']  # tests/evals/test_mmlu_averages.py
   # A partial MMLU run reports its categories but no mu_MU.
   del results['mmlu_virology']
   assert 'mu_MU' not in tasks_lib.mmlu_summary(results, n)
@@ -58,7 +59,7 @@ def test_math_summary_and_mu_both():
   results['gsm8k'] = {'exact_match,strict-match': 0.30, 'exact_match,flexible-extract': 0.35}
   results['hendrycks_math'] = {'exact_match,none': 0.10}
   got = tasks_lib.math_summary(results, n)
-  mmlu_math = tasks_lib.mmlu_summary(results, n)['mmlu/mathematics']
+  mmlu_math = tasks_lib.mmlu_summary(results, n)['mmlu_question_weighted/mathematics']
   assert got['mmlu_math'] == pytest.approx(mmlu_math)
   assert got['mu_all'] == pytest.approx((30.0 + 10.0 + mmlu_math) / 3)
   assert tasks_lib.mu_both({'mu_MU': 50.0, 'mu_MB': 6.0}) == {'mu_BOTH': 55.0}

@@ -36,6 +36,8 @@ def test_old_layout_checkpoint_resumes_to_the_old_runs_metrics(tmp_path):
 
   repo = os.path.dirname(os.path.dirname(os.path.dirname(FIXTURE)))
   config = make_pre_layout_run.config(cli.load_config, repo, str(tmp_path / 'demo_data'))
+  for entry in config.data.datasets.values():  # It predates test splits: resumes without one.
+    entry.test_examples = 0
   # Its probabilities counted packed rows: it resumes as mixing.unit='row' only, and says so.
   with pytest.raises(errors.UserError, match=r'before mixing.unit existed.*mixing.unit=row'):
     training.build(copy.deepcopy(config), str(workdir))
