@@ -13,6 +13,7 @@ from mos_jax.data import formats
 from mos_jax.data import mixture
 from mos_jax.data import pipeline
 from mos_jax.data import sources
+from mos_jax.data import splits
 from mos_jax.data import templates
 from mos_jax.data import tokenize as tokenize_lib
 
@@ -256,51 +257,6 @@ def _read_dataset(name: str, entry, d, key: str, fmt: str = ''):
   return records, convs, record_ids, fmt, bad
 
 
-def _split_dev(name: str, n: int, dev: int):
-  if dev < 0 or dev >= n:
-    raise ValueError(f'dataset {name!r}: dev_examples={dev} leaves no training examples out of {n}')
-  # Seeded by the dataset name only: the dev set stays the same across runs and seeds.
-  perm = np.random.default_rng(zlib.crc32(name.encode())).permutation(n)
-  return np.sort(perm[dev:]), np.sort(perm[:dev])
-
-
-def example_hash(conv) -> str:
-  """Identity of one example by content: two records that convert to the same conversation
-  are the same example, whatever file or line they came from."""
-  return hashlib.sha1(json.dumps(conv, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _split_test(name: str, hashes: list[str], train_idx, dev_hashes: set, test: int):
-  """`test` distinct examples out of train_idx, none equal to a dev example; every copy of
-  them leaves the train split too (files repeat records: the demo does). -> train, test, copies."""
-  # Its own seed (dataset name and 'test'): adding a test split leaves the dev split as it was.
-  rng = np.random.default_rng([zlib.crc32(name.encode()), zlib.crc32(b'test')])
-  chosen, seen = [], set()
-  for i in rng.permutation(np.asarray(train_idx)):
-    if len(chosen) == test:
-      break
-    if hashes[i] not in dev_hashes and hashes[i] not in seen:
-      chosen.append(int(i))
-      seen.add(hashes[i])
-  if len(chosen) < test:
-    raise ValueError(f'dataset {name!r}: test_examples={test} but only {len(chosen)} distinct '
-                     f'training examples differ from the dev split')
-  train = np.asarray([i for i in train_idx if hashes[i] not in seen], np.int64)
-  if not len(train):
-    raise ValueError(f'dataset {name!r}: test_examples={test} leaves no training examples')
-  return train, np.sort(chosen), len(train_idx) - len(train) - test
-
-
-def _check_disjoint(name: str, hashes: dict[str, list[str]], where: str):
-  """Refuses a test split that shares an example (by content hash) with train or dev."""
-  test = set(hashes['test'])
-  for split in ('train', 'dev'):
-    shared = test & set(hashes[split])
-    if shared:
-      raise ValueError(f'dataset {name!r}: {len(shared)} test examples ({where}) also appear in '
-                       f'its {split} split; a test split must be held out of both')
-
-
 def _fingerprint(table, settings: dict) -> str:
   h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
   for column in ('input_ids', 'trained'):
@@ -354,7 +310,7 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
       skipped = records.skipped + bad + dev[0].skipped + dev[4]
       parts = {'train': (records, convs, record_ids), 'dev': dev[:3]}
     else:
-      train_idx, dev_idx = _split_dev(name, len(convs), int(entry.get('dev_examples', 0)))
+      train_idx, dev_idx = splits.split_dev(name, len(convs), int(entry.get('dev_examples', 0)))
       skipped = records.skipped + bad
       parts = {split: (records, [convs[i] for i in idx], [record_ids[i] for i in idx])
                for split, idx in (('train', train_idx), ('dev', dev_idx))}
@@ -366,15 +322,15 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
       test_where = _resolve(d.get('root', ''), entry.test_path)
     elif int(entry.get('test_examples', 0)) > 0:
       recs, train_convs, train_ids = parts['train']
-      hashes = [example_hash(c) for c in train_convs]
-      keep, held, test_copies = _split_test(
-          name, hashes, range(len(train_convs)), {example_hash(c) for c in parts['dev'][1]},
+      hashes = [splits.example_hash(c) for c in train_convs]
+      keep, held, test_copies = splits.split_test(
+          name, hashes, range(len(train_convs)), {splits.example_hash(c) for c in parts['dev'][1]},
           int(entry.test_examples))
       parts['train'] = (recs, [train_convs[i] for i in keep], [train_ids[i] for i in keep])
       parts['test'] = (recs, [train_convs[i] for i in held], [train_ids[i] for i in held])
       test_where = f'held out of {entry.path}'
     if 'test' in parts:
-      _check_disjoint(name, {k: [example_hash(c) for c in v[1]] for k, v in parts.items()},
+      splits.check_disjoint(name, {k: [splits.example_hash(c) for c in v[1]] for k, v in parts.items()},
                       test_where)
     split_tables, split_records, counts = {}, {}, tokenize_lib.Counts()
     for split, (recs, split_convs, ids) in parts.items():

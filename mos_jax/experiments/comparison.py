@@ -7,16 +7,13 @@ DIR/<strategy>/seed<k>/eval/<step>.json); `collect` reads the finished run folde
 DIR/results.md, DIR/results.csv, DIR/mixtures.png and DIR/convergence.png and returns the
 one-line verdict.
 
-The verdict (`verdict`): the best static and the best learned strategy are picked on mean dev
-loss; each learned strategy's per-seed mean test loss minus the best static's on the same seed
-gives a paired t-interval, Holm-Bonferroni corrected over the learned strategies; `beats` or
-`loses to` only when that corrected interval excludes 0, and nothing below MIN_SEEDS paired seeds.
+The verdict (experiments/verdict.py): paired t-intervals of per-seed test loss against the best
+static strategy, Holm-Bonferroni corrected; the files it writes: experiments/report.py.
 `check_splits` builds the data once before any run: the test split every run is scored on.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -27,12 +24,11 @@ import sys
 import time
 
 import numpy as np
-from scipy import stats
 
+from mos_jax.experiments import report
+from mos_jax.experiments.verdict import MIN_SEEDS, mean_se, paired_tests, verdict
 from mos_jax.workdir import metrics as metrics_lib
 
-ALPHA = 0.05  # Family-wise error rate of the verdict: its intervals are 95% ones.
-MIN_SEEDS = 3  # Fewer paired seeds than this: no verdict ("too few seeds to tell").
 SPLITS_FILE = 'splits.json'  # DIR/splits.json: the splits every run of DIR was scored on.
 
 # name -> config overrides: every setting that tells a strategy's rows apart, so `--list` and the
@@ -311,121 +307,23 @@ def summarize_run(rows: list[dict], names, steps: int) -> RunResult:
   return RunResult(final, curve, mixture, train_s, test=test)
 
 
-def _steps_to(curve: dict[int, float], target: float) -> int | None:
+def steps_to(curve: dict[int, float], target: float) -> int | None:
   for step in sorted(curve):
     if curve[step] <= target + 1e-12:
       return step
   return None
 
 
-def _mean_se(values) -> tuple[float, float]:
-  """Mean and standard error of the mean (0 for one value: nothing to estimate it from)."""
-  values = np.asarray(values, np.float64)
-  if not len(values):
-    return float('nan'), float('nan')
-  se = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-  return float(values.mean()), se
 
 
-# --- The verdict: paired t-intervals, Holm-Bonferroni over the learned strategies ---------------
-
-@dataclasses.dataclass(frozen=True)
-class Paired:
-  """Per-seed differences of one learned strategy against the best static, tested against `null`
-  (0 for a loss difference, 1 for a speed-up) in Holm's step-down family."""
-  n: int  # paired seeds
-  mean: float
-  se: float
-  p: float  # two-sided t-test p-value, uncorrected (1 below MIN_SEEDS)
-  p_holm: float  # Holm-adjusted p-value
-  confidence: float  # level of this strategy's own interval (0.95 / (m - step) under Holm)
-  lo: float  # the Holm-corrected interval: together the intervals hold with 95% confidence
-  hi: float
-  significant: bool  # the corrected interval excludes the null (Holm rejects)
 
 
-def paired_tests(diffs: dict[str, list[float]], null: float = 0.0,
-                 alpha: float = ALPHA) -> dict[str, Paired]:
-  """Paired t-tests of every strategy's differences, Holm-Bonferroni corrected over all of them.
-
-  Holm sorts the p-values and tests the k-th smallest (k = 0, 1, ...) at alpha / (m - k), stopping
-  at the first it cannot reject; strategy k's interval is the t-interval at 1 - alpha / (m - j)
-  with j = min(k, stop), so an interval excludes the null exactly when Holm rejects it.
-  """
-  raw = {}
-  for name, values in diffs.items():
-    values = np.asarray(values, np.float64)
-    n = len(values)
-    mean, se = _mean_se(values)
-    if n < MIN_SEEDS:
-      p = 1.0
-    elif se == 0.0:  # Every seed gave the same difference.
-      p = 1.0 if mean == null else 0.0
-    else:
-      p = float(2 * stats.t.sf(abs(mean - null) / se, n - 1))
-    raw[name] = (n, mean, se, p)
-  m = len(raw)
-  order = sorted(raw, key=lambda k: raw[k][3])
-  stop = next((k for k, name in enumerate(order) if not raw[name][3] < alpha / (m - k)), m)
-  out, running = {}, 0.0
-  for k, name in enumerate(order):
-    n, mean, se, p = raw[name]
-    running = max(running, min(1.0, (m - k) * p))
-    level = alpha / (m - min(k, stop))
-    half = float(stats.t.ppf(1 - level / 2, n - 1)) * se if n >= 2 else float('inf')
-    lo, hi = (mean - half, mean + half) if n >= MIN_SEEDS else (float('nan'), float('nan'))
-    out[name] = Paired(n, mean, se, p, running, 1 - level, lo, hi, n >= MIN_SEEDS and k < stop)
-  return {name: out[name] for name in diffs}
 
 
-def _word(test: Paired) -> str:
-  if test.n < MIN_SEEDS:
-    return f'too few seeds to tell (n={test.n})'
-  if not test.significant:
-    return 'ties'
-  return 'beats' if test.mean < 0 else 'loses to'
 
 
-def verdict(dev_mean: dict[str, float], per_seed_test: dict[str, dict[int, float]], statics,
-            learned) -> tuple[str, list[str], dict[str, Paired]]:
-  """The verdict line, one line per learned strategy, and their paired tests.
-
-  dev_mean: strategy -> mean dev loss over seeds (picks the best static and the best learned);
-  per_seed_test: strategy -> {seed: mean test loss over datasets}.
-  """
-  statics = [s for s in statics if s in dev_mean]
-  learned = [s for s in learned if s in dev_mean]
-  if not learned or not statics:
-    return ('verdict: need at least one finished static and one finished learned strategy.', [],
-            {})
-  static = min(statics, key=lambda n: dev_mean[n])
-  best = min(learned, key=lambda n: dev_mean[n])
-  base = per_seed_test[static]
-  diffs = {n: [per_seed_test[n][s] - base[s] for s in sorted(per_seed_test[n]) if s in base]
-           for n in learned}
-  tests = paired_tests(diffs)
-  lines = [_line(n, static, tests[n], len(learned)) for n in learned]
-  t = tests[best]
-  head = f'verdict: best learned {best} vs best static {static} (both picked on dev)'
-  if t.n < MIN_SEEDS:
-    line = (f'{head}: too few seeds to tell (n={t.n}); mean test loss difference '
-            f'{t.mean:+.4f}; run --seeds {MIN_SEEDS} or more')
-  else:
-    line = (f'verdict: best learned {best} {_word(t)} best static {static} (both picked on dev) '
-            f'on mean test loss: difference {t.mean:+.4f}, 95% CI [{t.lo:+.4f}, {t.hi:+.4f}] '
-            f'(paired t over n={t.n} seeds, Holm-corrected over {len(learned)} learned '
-            f'strategies: {100 * t.confidence:.1f}% for this one alone, p={t.p_holm:.3g}; lower '
-            f'is better)')
-  return line, lines, tests
 
 
-def _line(name: str, static: str, t: Paired, m: int) -> str:
-  if t.n < MIN_SEEDS:
-    return (f'{name}: too few seeds to tell (n={t.n}) against {static}; mean test loss '
-            f'difference {t.mean:+.4f}')
-  return (f'{name} {_word(t)} {static}: mean test loss difference {t.mean:+.4f} ± {t.se:.4f} '
-          f'(SE), 95% CI [{t.lo:+.4f}, {t.hi:+.4f}] (Holm over {m}: '
-          f'{100 * t.confidence:.1f}% alone), p={t.p:.3g}, Holm p={t.p_holm:.3g}, n={t.n}')
 
 
 def _speedups(results, name: str, static: str, seeds, steps: int) -> list[float]:
@@ -437,20 +335,14 @@ def _speedups(results, name: str, static: str, seeds, steps: int) -> list[float]
       continue
     base = results[(static, s)]
     target = float(np.mean(list(base.final.values())))
-    mine, theirs = _steps_to(results[(name, s)].curve, target), _steps_to(base.curve, target)
+    mine, theirs = steps_to(results[(name, s)].curve, target), steps_to(base.curve, target)
     if mine and theirs:
       out.append(theirs / mine)
   return out
 
 
-def _ranks(values: dict[str, float]) -> dict[str, int]:
-  """1 for the lowest value, 2 for the second lowest (ties share), others 0."""
-  order = sorted(set(values.values()))
-  return {k: (order.index(v) + 1 if order.index(v) < 2 else 0) for k, v in values.items()}
 
 
-def _mark(text: str, rank: int) -> str:
-  return f'**{text}**' if rank == 1 else f'<u>{text}</u>' if rank == 2 else text
 
 
 def collect(workdir: str, strategies, seeds, names, steps: int, header: str = '') -> dict:
@@ -470,14 +362,14 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
     runs = [results[(name, s)] for s in seeds if (name, s) in results]
     row = {'seeds': len(runs)}
     for n in names:
-      row[n] = _mean_se([r.test[n] for r in runs])
-      row[f'dev/{n}'] = _mean_se([r.final[n] for r in runs])
-    row['mean'] = _mean_se([np.mean([r.test[n] for n in names]) for r in runs])
-    row['dev'] = _mean_se([np.mean([r.final[n] for n in names]) for r in runs])
+      row[n] = mean_se([r.test[n] for r in runs])
+      row[f'dev/{n}'] = mean_se([r.final[n] for r in runs])
+    row['mean'] = mean_se([np.mean([r.test[n] for n in names]) for r in runs])
+    row['dev'] = mean_se([np.mean([r.final[n] for n in names]) for r in runs])
     common = sorted(set.intersection(*(set(r.curve) for r in runs)))
     row['curve'] = {s: float(np.mean([r.curve[s] for r in runs])) for s in common}
-    row['train_s'] = _mean_se([r.train_s for r in runs])
-    row['tasks'] = {k: _mean_se([r.tasks[k] for r in runs if k in r.tasks])
+    row['train_s'] = mean_se([r.train_s for r in runs])
+    row['tasks'] = {k: mean_se([r.tasks[k] for r in runs if k in r.tasks])
                     for k in sorted(set().union(*(r.tasks for r in runs)))}
     row['per_seed_test'] = {s: float(np.mean([results[(name, s)].test[n] for n in names]))
                             for s in seeds if (name, s) in results}
@@ -491,7 +383,7 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
   target = table[best_static]['dev'][0] if best_static else None
   static_step_s = (np.mean([table[n]['train_s'][0] for n in statics]) / steps) if statics else None
   for row in table.values():
-    row['steps_to_target'] = _steps_to(row['curve'], target) if target is not None else None
+    row['steps_to_target'] = steps_to(row['curve'], target) if target is not None else None
   base_steps = table[best_static]['steps_to_target'] if best_static else None
   for row in table.values():
     row['speedup'] = (base_steps / row['steps_to_target']
@@ -514,146 +406,12 @@ def collect(workdir: str, strategies, seeds, names, steps: int, header: str = ''
                      f'{best_static}, n={t.n} (reached in {reached} of {paired} paired seeds)')
 
   task_columns = sorted(set().union(*(row['tasks'] for row in table.values())))
-  _write_md(os.path.join(workdir, 'results.md'), table, names, missing, best_static, target,
-            line, header, steps, task_columns, lines)
-  _write_csv(os.path.join(workdir, 'results.csv'), table, names, task_columns, tests,
-             speed_tests)
-  _plot_mixtures(os.path.join(workdir, 'mixtures.png'), present, results, seeds, names)
-  _plot_convergence(os.path.join(workdir, 'convergence.png'), table, target)
+  report.write_md(os.path.join(workdir, 'results.md'), table, names, missing, best_static,
+                  target, line, header, steps, task_columns, lines)
+  report.write_csv(os.path.join(workdir, 'results.csv'), table, names, task_columns, tests,
+                   speed_tests)
+  report.plot_mixtures(os.path.join(workdir, 'mixtures.png'), present, results, seeds, names)
+  report.plot_convergence(os.path.join(workdir, 'convergence.png'), table, target,
+                          [n for n in table if is_static(n)])
   return {'table': table, 'missing': missing, 'best_static': best_static, 'verdict': line,
           'lines': lines, 'tests': tests, 'speedups': speed_tests}
-
-
-def _fmt(mean_se) -> str:
-  return f'{mean_se[0]:.4f} ± {mean_se[1]:.4f}'
-
-
-METHOD = ('Method: the best static and the best learned strategy are picked on mean dev loss; '
-          'for each learned strategy, its per-seed mean test loss minus the best static\'s on '
-          'the same seed gives a paired t-interval, Holm-Bonferroni corrected over the learned '
-          'strategies so that together they hold with 95% confidence. A strategy beats or loses '
-          'to the best static only when its corrected interval excludes 0, otherwise it ties, '
-          f'and with fewer than {MIN_SEEDS} paired seeds no verdict is given.')
-
-
-def _write_md(path, table, names, missing, best_static, target, verdict_line, header, steps,
-              task_columns=(), lines=()):
-  cols = list(names) + ['mean', 'dev']
-  ranks = {c: _ranks({k: row[c][0] for k, row in table.items()}) for c in cols}
-  out = ['# Mixing strategies compared', '']
-  if header:
-    out += [header, '']
-  out += [f'Final test loss (token-weighted, step {steps}, on the held-out test split no '
-          f'strategy saw) per dataset and their mean (the analogue of the paper\'s mu); "mean '
-          f'dev" = mean dev loss, which picks the best strategies; mean ± standard error over '
-          f'seeds; **best**, <u>second best</u>. "steps to static" = first evaluation step at '
-          f'which the strategy\'s seed-averaged mean dev loss reaches the best static '
-          f'baseline\'s final one ({best_static}: {target:.4f}); speed-up = that of '
-          f'{best_static} / this one. Train s = seconds in training steps per run (evaluation '
-          f'and checkpoints left out); overhead = time per step against the static runs\' mean.'
-          if best_static else 'No static baseline finished: no steps-to-static column.', '']
-  if task_columns:
-    out += ['Task columns: `python -m mos_jax.evaluate` scores of the final checkpoint (lm-eval '
-            'metrics as task/metric, our summaries such as mu_MU), mean ± standard error over '
-            'seeds.', '']
-  head = ['strategy', 'seeds', *names, 'mean', 'mean dev', 'steps to static', 'speed-up',
-          'train s', 'overhead', *task_columns]
-  out += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  for name, row in table.items():
-    cells = [name, str(row['seeds'])]
-    cells += [_mark(_fmt(row[c]), ranks[c][name]) for c in cols]
-    cells.append(str(row['steps_to_target']) if row['steps_to_target'] else 'not reached')
-    cells.append(f'{row["speedup"]:.2f}x' if row['speedup'] else '-')
-    cells.append(f'{row["train_s"][0]:.1f}')
-    cells.append(f'{100 * row["overhead"]:+.0f}%' if row['overhead'] is not None else '-')
-    cells += [_fmt(row['tasks'][c]) if c in row['tasks'] else '-' for c in task_columns]
-    out.append('| ' + ' | '.join(cells) + ' |')
-  out.append('')
-  if missing:
-    out += ['Missing (unfinished or failed): ' + ', '.join(f'{n} seed {s}' for n, s in missing),
-            '']
-  out += [METHOD, '']
-  out += [f'- {line}' for line in lines]
-  out += ['', verdict_line, '']
-  with open(path, 'w') as f:
-    f.write('\n'.join(out))
-
-
-def _write_csv(path, table, names, task_columns=(), tests=None, speed_tests=None):
-  tests, speed_tests = tests or {}, speed_tests or {}
-  head = ['strategy', 'seeds']
-  for c in list(names) + ['mean']:
-    head += [f'{c}_test_loss', f'{c}_test_loss_se']
-  for c in names:
-    head += [f'{c}_dev_loss', f'{c}_dev_loss_se']
-  head += ['mean_dev_loss', 'mean_dev_loss_se']
-  head += ['diff_vs_best_static', 'diff_se', 'diff_ci_lo', 'diff_ci_hi', 'diff_p', 'diff_p_holm',
-           'speedup_mean', 'speedup_ci_lo', 'speedup_ci_hi']
-  head += ['steps_to_static', 'speedup', 'train_s', 'train_s_se', 'overhead']
-  for c in task_columns:
-    head += [c, f'{c}_se']
-  num = lambda x: '' if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)
-  with open(path, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(head)
-    for name, row in table.items():
-      cells = [name, row['seeds']]
-      for c in list(names) + ['mean'] + [f'dev/{n}' for n in names] + ['dev']:
-        cells += [repr(row[c][0]), repr(row[c][1])]
-      t, sp = tests.get(name), speed_tests.get(name)
-      cells += ([num(t.mean), num(t.se), num(t.lo), num(t.hi), num(t.p), num(t.p_holm)]
-                if t else [''] * 6)
-      cells += [num(sp.mean), num(sp.lo), num(sp.hi)] if sp else [''] * 3
-      cells += [row['steps_to_target'] or '', row['speedup'] or '', repr(row['train_s'][0]),
-                repr(row['train_s'][1]), '' if row['overhead'] is None else repr(row['overhead'])]
-      for c in task_columns:
-        cells += [repr(row['tasks'][c][0]), repr(row['tasks'][c][1])] if c in row['tasks'] else ['', '']
-      w.writerow(cells)
-
-
-def _plot_mixtures(path, present, results, seeds, names):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  if not present:
-    return
-  cols = min(4, len(present))
-  rows = -(-len(present) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False,
-                           sharey=True)
-  for ax in axes.flat[len(present):]:
-    ax.set_visible(False)
-  for ax, name in zip(axes.flat, present):
-    seed = next(s for s in seeds if (name, s) in results)  # the first finished seed
-    for n in names:
-      ax.plot(*results[(name, seed)].mixture[n], label=n)
-    ax.set_title(f'{name} (seed {seed})', fontsize=9)
-    ax.set_ylim(0, 1)
-  axes.flat[0].legend(fontsize=7)
-  fig.supxlabel('step')
-  fig.supylabel('sampling probability')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def _plot_convergence(path, table, target):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  if not table:
-    return
-  fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  colors = plt.get_cmap('tab20').colors  # 11 strategies: more than the default 10 colors
-  for i, (name, row) in enumerate(table.items()):
-    steps = sorted(row['curve'])
-    ax.plot(steps, [row['curve'][s] for s in steps], label=name, color=colors[i % len(colors)],
-            linestyle='--' if is_static(name) else '-')
-  if target is not None:
-    ax.axhline(target, color='grey', linewidth=0.8, linestyle=':')
-  ax.set_xlabel('step')
-  ax.set_ylabel('mean dev loss over datasets')
-  ax.legend(fontsize=7, ncol=2)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)

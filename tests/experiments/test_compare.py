@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mos_jax.experiments import comparison
+from mos_jax.experiments import report
 from mos_jax.workdir import metrics as metrics_lib
 from demo_run import REPO
 
@@ -37,10 +38,10 @@ def test_split_argv_and_plan():
 
 
 def test_ranks_and_steps_to_target():
-  assert comparison._ranks({'a': 2.0, 'b': 1.0, 'c': 3.0, 'd': 1.0}) == {
+  assert report.ranks({'a': 2.0, 'b': 1.0, 'c': 3.0, 'd': 1.0}) == {
       'a': 2, 'b': 1, 'c': 0, 'd': 1}
-  assert comparison._steps_to({0: 5.0, 2: 4.0, 4: 3.0}, 4.0) == 2
-  assert comparison._steps_to({0: 5.0, 2: 4.5}, 4.0) is None
+  assert comparison.steps_to({0: 5.0, 2: 4.0, 4: 3.0}, 4.0) == 2
+  assert comparison.steps_to({0: 5.0, 2: 4.5}, 4.0) is None
 
 
 def _final_losses(folder, names, steps):

@@ -9,6 +9,7 @@ import pytest
 
 from demo_run import REPO
 from mos_jax.experiments import comparison
+from mos_jax.experiments import report as report_lib
 from mos_jax.infra import cli
 
 _CONFIG = os.path.join(REPO, 'configs', 'demo.py')
@@ -51,7 +52,7 @@ def test_a_bad_prior_is_not_reported_as_beating_uni(tmp_path, monkeypatch):
   assert verdict.startswith('verdict: best learned bad_prior') and 'n=3' in verdict
   assert '95% CI [' in verdict and 'beats' not in verdict
   md = open(os.path.join(workdir, 'results.md')).read()
-  assert comparison.METHOD in md and '- bad_prior ' in md and verdict in md
+  assert report_lib.METHOD in md and '- bad_prior ' in md and verdict in md
   # Every seed's table number is the run's own test loss (the final metrics line).
   t = report['tests']['bad_prior']
   assert t.n == 3 and t.mean == pytest.approx(table['bad_prior']['mean'][0]

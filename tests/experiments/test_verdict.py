@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from mos_jax.experiments import comparison
+from mos_jax.experiments import verdict as verdict_lib
 
 
 def _verdict(per_seed, dev=None):
@@ -15,7 +16,7 @@ def _verdict(per_seed, dev=None):
   dev = dev or {n: float(np.mean(v)) for n, v in per_seed.items()}
   statics = [n for n in per_seed if comparison.is_static(n)]
   learned = [n for n in per_seed if not comparison.is_static(n)]
-  return comparison.verdict(dev, {n: dict(enumerate(v)) for n, v in per_seed.items()}, statics,
+  return verdict_lib.verdict(dev, {n: dict(enumerate(v)) for n, v in per_seed.items()}, statics,
                             learned)
 
 
@@ -93,9 +94,9 @@ def test_holm_intervals_agree_with_holm_rejections():
     m = int(rng.integers(1, 6))
     diffs = {f's{k}': list(rng.normal(rng.normal(0, 0.05), 0.03, size=int(rng.integers(3, 6))))
              for k in range(m)}
-    tests = comparison.paired_tests(diffs)
+    tests = verdict_lib.paired_tests(diffs)
     for t in tests.values():
-      assert t.significant == (t.p_holm < comparison.ALPHA) == (not t.lo <= 0 <= t.hi)
+      assert t.significant == (t.p_holm < verdict_lib.ALPHA) == (not t.lo <= 0 <= t.hi)
 
 
 def test_duplicate_strategy_is_refused():
