@@ -75,7 +75,7 @@ def check_same_data(saved: dict, current: dict, workdir: str):
                      f'the config has {current["names"]}. Use the same datasets or a new workdir.')
   saved_loader = saved.get('loader', {})
   if 'unit' not in saved_loader:  # Written before mixing.unit: its probabilities counted rows.
-    unit = current['loader']['unit']
+    unit = current['loader'].get('unit', 'row')
     if unit != 'row' and (saved_loader.get('packing') or unit == 'token'):
       raise errors.UserError(
           f'{workdir}: this checkpoint was written before mixing.unit existed, when a mixture '
