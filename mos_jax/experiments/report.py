@@ -7,7 +7,7 @@ import math
 
 from mos_jax.experiments.verdict import MIN_SEEDS
 
-def ranks(values: dict[str, float]) -> dict[str, int]:
+def rank_order(values: dict[str, float]) -> dict[str, int]:
   """1 for the lowest value, 2 for the second lowest (ties share), others 0."""
   order = sorted(set(values.values()))
   return {k: (order.index(v) + 1 if order.index(v) < 2 else 0) for k, v in values.items()}
@@ -32,7 +32,7 @@ METHOD = ('Method: the best static and the best learned strategy are picked on m
 def write_md(path, table, names, missing, best_static, target, verdict_line, header, steps,
               task_columns=(), lines=()):
   cols = list(names) + ['mean', 'dev']
-  ranks = {c: ranks({k: row[c][0] for k, row in table.items()}) for c in cols}
+  ranks = {c: rank_order({k: row[c][0] for k, row in table.items()}) for c in cols}
   out = ['# Mixing strategies compared', '']
   if header:
     out += [header, '']

@@ -38,7 +38,7 @@ def test_split_argv_and_plan():
 
 
 def test_ranks_and_steps_to_target():
-  assert report.ranks({'a': 2.0, 'b': 1.0, 'c': 3.0, 'd': 1.0}) == {
+  assert report.rank_order({'a': 2.0, 'b': 1.0, 'c': 3.0, 'd': 1.0}) == {
       'a': 2, 'b': 1, 'c': 0, 'd': 1}
   assert comparison.steps_to({0: 5.0, 2: 4.0, 4: 3.0}, 4.0) == 2
   assert comparison.steps_to({0: 5.0, 2: 4.5}, 4.0) is None

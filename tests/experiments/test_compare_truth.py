@@ -25,9 +25,9 @@ def _overrides(data_dir, entries, steps):
 
 def test_a_bad_prior_is_not_reported_as_beating_uni(tmp_path, monkeypatch):
   from mos_jax import training
-  from mos_jax.data import demo
+  from mos_jax.data import demo_skills
   data_dir = tmp_path / 'demo_data'
-  entries = demo.config_entries(str(data_dir))
+  entries = demo_skills.config_entries(str(data_dir))
   names, steps, seeds = list(entries), 16, [0, 1, 2]
   # Learned in name only: the scorer starts at tau = 0.25 (about 97% nlp, the others starved:
   # the largest dataset weighted ~100x the next) and its learning rate keeps it there.
@@ -65,9 +65,9 @@ def test_a_bad_prior_is_not_reported_as_beating_uni(tmp_path, monkeypatch):
 
 
 def test_refusals_before_any_run(tmp_path):
-  from mos_jax.data import demo
+  from mos_jax.data import demo_skills
   data_dir = tmp_path / 'demo_data'
-  entries = demo.config_entries(str(data_dir))
+  entries = demo_skills.config_entries(str(data_dir))
   # A workdir with runs from before test splits (no splits.json) is not mixed with new ones.
   old = tmp_path / 'old'
   (old / 'uni' / 'seed0').mkdir(parents=True)
