@@ -70,6 +70,8 @@ def _problems(config) -> list[str]:
   need(d.truncation in ('truncate', 'drop'), 'data.truncation', "must be 'truncate' or 'drop'")
   need(d.on_error in ('raise', 'skip'), 'data.on_error', "must be 'raise' or 'skip'")
   need(d.mix_per in ('batch', 'example'), 'data.mix_per', "must be 'batch' or 'example'")
+  need(d.get('draws', 'random') in ('random', 'balanced'), 'data.draws',
+       "must be 'random' or 'balanced'")
   need(x.get('unit', 'example') in ('example', 'token', 'row'), 'mixing.unit',
        "must be 'example', 'token' or 'row'")
   number('data.num_workers', 0, integer=True)

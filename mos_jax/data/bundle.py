@@ -396,7 +396,7 @@ def build_data(config, process_index: int = 0, process_count: int = 1,
       names=tuple(names), seed=int(config.seed), rows=rows, reward_rows=reward_rows,
       max_len=d.max_len, pad_id=int(pad_id), buckets=buckets, mix_per=d.mix_per,
       process_index=process_index, process_count=process_count, num_workers=d.num_workers,
-      unit=config.mixing.get('unit', 'row'))
+      unit=config.mixing.get('unit', 'row'), draws=d.get('draws', 'random'))
   train = iter(mixture.MixtureIterDataset(train_streams, reward_streams, spec))
   settings = {'eval_rows': eval_rows, 'pad_id': int(pad_id), 'max_len': d.max_len,
               'packing': bool(d.packing),

@@ -4,8 +4,11 @@ p is set from outside (the scorer) before each draw. It is a distribution over `
 by default, as in the paper, or tokens, or rows): a packed row of dataset i holds u_i units
 (u_i = units / rows of that dataset's current epoch plan), so rows are drawn with
 d_i = (p_i / u_i) / sum_j (p_j / u_j), which makes the expected share of units drawn from
-dataset i exactly p_i. With one example per row and unit 'example', d = p. Draws use an RNG seeded by (seed, step), so
-every host draws the same dataset at the same step; each host reads its own slice of the global
+dataset i exactly p_i. With one example per row and unit 'example', d = p. Draws use an RNG seeded
+by (seed, step), so every host draws the same dataset at the same step. They are independent
+samples from d ('random', Algorithm 1), or 'balanced': each dataset's rows drawn so far stay
+within one of their expected number, sum_t d_t times the rows of step t (a credit per dataset,
+carried in the state), so a short run's realised mixture is d rather than a noisy sample of it; each host reads its own slice of the global
 batch, which every host plans alike (pipeline.RowPlan). Reward batches come from separate
 per-dataset streams, so the scorer's look at the data never shifts the training order. The whole
 position (global rows taken from every stream, step, p) is JSON state that
@@ -22,6 +25,7 @@ from mos_jax.data import pipeline
 
 MIX_PER = ('batch', 'example')
 UNITS = ('example', 'token', 'row')  # What a mixture probability counts (mixing.unit).
+DRAWS = ('random', 'balanced')  # How rows are given to datasets (data.draws).
 _DRAW_STREAM = 0x6d6978  # Keeps draw seeds apart from other uses of the run seed.
 
 
@@ -53,6 +57,7 @@ class MixtureSpec:
   process_count: int = 1
   num_workers: int = 0  # Grain worker processes per dataset (mixing per batch).
   unit: str = 'row'  # What p counts: UNITS (the loader turns it into row draws).
+  draws: str = 'random'  # DRAWS: independent samples from d, or balanced against their expectation.
 
 
 class MixtureIterDataset(grain.IterDataset):
@@ -65,6 +70,8 @@ class MixtureIterDataset(grain.IterDataset):
       raise ValueError(f'data.mix_per must be one of {MIX_PER}, got {spec.mix_per!r}')
     if spec.unit not in UNITS:
       raise ValueError(f'mixing.unit must be one of {UNITS}, got {spec.unit!r}')
+    if spec.draws not in DRAWS:
+      raise ValueError(f'data.draws must be one of {DRAWS}, got {spec.draws!r}')
     if not len(train) == len(reward) == len(spec.names):
       raise ValueError('one training and one reward stream per dataset are needed')
     super().__init__(list(train) + list(reward))
@@ -100,6 +107,7 @@ class MixtureIterator(grain.DatasetIterator):
     self._probs = np.full(n, 1.0 / n)
     self._taken = {'train': [0] * n, 'reward': [0] * n}  # Global rows taken from each stream.
     self._examples = [0] * n  # Training examples drawn from each dataset (all hosts' rows).
+    self._credit = np.zeros(n)  # Balanced draws: expected minus drawn picks per dataset.
     self._streams = [None] * n  # Mixing per batch: each dataset's blocks from its position on.
 
   @property
@@ -145,20 +153,32 @@ class MixtureIterator(grain.DatasetIterator):
       return self._probs.copy()  # Bit for bit today's draws.
     return check_probabilities(self._probs / self.units_per_row(), len(self._spec.names))
 
-  def _global_draw(self, step: int) -> np.ndarray:
-    """The dataset of every row of the global batch at `step` (one dataset per batch, or one per
-    row when mixing per example: the global batch is then one sample from p)."""
+  def _next_draw(self) -> np.ndarray:
+    """The dataset of every row of this step's global batch (one dataset per batch, or one per
+    row when mixing per example: the global batch is then one sample from d)."""
     s = self._spec
-    rng = np.random.default_rng([s.seed, _DRAW_STREAM, step])
-    d = self.draw_probabilities()
+    rng = np.random.default_rng([s.seed, _DRAW_STREAM, self._step])
+    d, width = self.draw_probabilities(), s.rows * s.process_count
+    if s.draws == 'balanced':
+      if s.mix_per == 'batch':
+        return np.full(width, int(np.argmax(self._balanced_counts(d, 1, rng))))
+      return rng.permutation(np.repeat(np.arange(len(d)), self._balanced_counts(d, width, rng)))
     if s.mix_per == 'batch':
-      return np.full(s.rows * s.process_count, rng.choice(len(s.names), p=d))
-    return rng.choice(len(s.names), size=s.rows * s.process_count, p=d)
+      return np.full(width, rng.choice(len(s.names), p=d))
+    return rng.choice(len(s.names), size=width, p=d)
 
-  def draw(self, step: int) -> np.ndarray:
-    """The dataset of each host-local row at `step`."""
-    s = self._spec
-    return self._global_draw(step)[s.process_index * s.rows:(s.process_index + 1) * s.rows]
+  def _balanced_counts(self, d: np.ndarray, picks: int, rng) -> np.ndarray:
+    """How many of `picks` go to each dataset: each pick to the dataset furthest behind its
+    expected count (ties at random): smooth weighted round-robin (nginx's upstream balancer).
+    Expected minus drawn sums to 0 after each step and stays above -1 for every dataset."""
+    self._credit += picks * d
+    counts = np.zeros(len(d), np.int64)
+    for _ in range(picks):
+      behind = np.flatnonzero(self._credit >= self._credit.max() - 1e-12)
+      i = int(behind[0] if len(behind) == 1 else rng.choice(behind))
+      self._credit[i] -= 1.0
+      counts[i] += 1
+    return counts
 
   def _next_block(self, i: int) -> dict:
     """Mixing per batch: dataset i's next global batch (this host's part)."""
@@ -200,7 +220,7 @@ class MixtureIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict:
     self._assert_not_closed()
-    every = self._global_draw(self._step)
+    every = self._next_draw()
     if self._spec.mix_per == 'batch':
       batch = self._next_block(int(every[0]))
     else:
@@ -237,6 +257,7 @@ class MixtureIterator(grain.DatasetIterator):
         'draw': self.draw_probabilities().tolist(),
         'taken': {k: list(v) for k, v in self._taken.items()},
         'examples': list(self._examples),
+        'credit': self._credit.tolist(),
     }
 
   def set_state(self, state: dict) -> None:
@@ -258,6 +279,7 @@ class MixtureIterator(grain.DatasetIterator):
     self._examples = [int(x) for x in state.get('examples', [])] or [
         sum(len(rows.plan.examples(r)) for r in range(taken))  # Older states: count them.
         for rows, taken in zip(self._train, self._taken['train'])]
+    self._credit = np.asarray(state.get('credit', [0.0] * len(names)), np.float64)
 
   def _close_streams(self) -> None:
     for it in self._streams:

@@ -83,6 +83,7 @@ def check_same_data(saved: dict, current: dict, workdir: str):
           f'mixing.unit={unit!r} would change what its mixture means mid-run. Resume it with '
           f'--config.mixing.unit=row (exactly the run it was), or start a new workdir.')
     saved_loader = dict(saved_loader, unit=unit)  # Unpacked rows: one example each, same draws.
+  saved_loader = {'draws': 'random', **saved_loader}  # Before data.draws, every draw was random.
   changed = {k: (saved_loader.get(k), v) for k, v in current['loader'].items()
              if saved_loader.get(k) != v}
   if changed:

@@ -235,7 +235,7 @@ def _loader_identity(config) -> dict:
   return {'seed': config.seed, 'batch_size': config.train.batch_size,
           'reward_batch_size': d.reward_batch_size, 'max_len': d.max_len, 'packing': d.packing,
           'buckets': list(d.buckets), 'mix_per': d.mix_per,
-          'unit': config.mixing.get('unit', 'row')}
+          'unit': config.mixing.get('unit', 'row'), 'draws': d.get('draws', 'random')}
 
 
 def _check_batch_sizes(config, num_datasets: int, mesh):
