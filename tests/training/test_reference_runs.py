@@ -12,7 +12,7 @@ import pytest
 from mos_jax import training
 from mos_jax.workdir import metrics as metrics_lib
 from mos_jax.workdir import restore
-from demo_run import demo_config
+from demo_run import demo_config, resume_after_crash
 
 KEYS = ('mixture/', 'mixture_rows/', 'data/examples/')
 
@@ -85,6 +85,7 @@ def test_doremi_reads_the_reference_runs_final_model(root):
   uni_run, _ = _train(_config(root, 'static', 4), root / 'uni')
   uni_params = jax.device_get(uni_run.state.params)
   config = _config(root, 'doremi', 4, doremi__reference=str(root / 'uni'), doremi_eta=5.0)
+  config.train.checkpoint_every = 2
   run = training.build(copy.deepcopy(config), str(root / 'doremi'))
   assert run.strategy.signals == {'ref_excess'}
   restored = restore.restore_params(str(root / 'uni'), 4, run.state.params,
@@ -98,6 +99,12 @@ def test_doremi_reads_the_reference_runs_final_model(root):
   assert np.isfinite(rewards).all() and (rewards >= 0).all() and rewards.max() > 0
   start, end = _values(lines[0], 'mixture/'), _values(lines[4], 'mixture/')
   assert np.abs(end - start).max() > 1e-4
+  # A crash after step 2: the resumed run restores the reference again and ends where this did.
+  final = jax.tree.leaves(jax.device_get(run.state))
+  resumed = resume_after_crash(config, str(root / 'doremi_resumed'), after_batches=3,
+                               start_step=2)
+  for a, b in zip(final, resumed):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   # The same names and model but other training examples: refused before anything is written.
   other = copy.deepcopy(config)
