@@ -135,6 +135,12 @@ def _problems(config) -> list[str]:
     except ValueError as e:
       out.append(str(e).rstrip('.'))
     out.extend(other_runs.reference_problems(config))  # DoReMi's reference run.
+  for section, field, owner in (('doremi', 'reference', 'doremi'), ('replay', 'run', 'replay'),
+                                ('static', 'from_run', 'static')):
+    node = x.get(section)
+    if node is not None and node.get(field) and x.strategy != owner:
+      out.append(f'mixing.{section}.{field}={node.get(field)!r} is only read by '
+                 f'mixing.strategy={owner}, but the strategy is {x.strategy!r}')
 
   for axis in ('data', 'fsdp', 'tensor'):
     value = config.mesh[axis]

@@ -83,9 +83,8 @@ class DoReMi(base.Strategy):
                        'of the same data and model (e.g. the uni run of the same seed) whose final '
                        'checkpoint is the reference model; theta_0 as the reference is '
                        'mixing.strategy=excess_theta0')
-    if name == 'excess_theta0' and reference:
-      raise ValueError(f'mixing.doremi.reference={reference!r} is for mixing.strategy=doremi; '
-                       f'excess_theta0 compares with theta_0')
+    if name == 'excess_theta0':
+      reference = ''  # theta_0 (config/check.py refuses a reference set for it).
     if reference:
       reference = os.path.abspath(os.path.expanduser(reference))
     return cls(name=name, names=names, prior=prior, eta=eta, smoothing=c, reference=reference)

@@ -19,17 +19,20 @@ def _final_step(folder: str) -> int:
   return int(restore.read_run_config(folder).train.steps)
 
 
-def check_data(strategy, data) -> None:
-  """Refuses (ValueError, one line) a reference run whose training data is not this run's."""
+def check_data(config, strategy, data) -> None:
+  """Refuses (ValueError, one line) a reference run whose training data is not this run's, or
+  (LoRA) whose adapters were trained on another base."""
   folder = strategy.reference_run
   if not folder:
     return
   step = _final_step(folder)
   checkpointer = checkpoint_lib.Checkpointer(restore.checkpoints_folder(folder), async_save=False)
   try:
-    recorded = checkpointer.read_meta(step).get('fingerprints', {})
+    meta = checkpointer.read_meta(step)
   finally:
     checkpointer.close()
+  restore.check_same_base(meta, config, folder)
+  recorded = meta.get('fingerprints', {})
   differ = [n for n in data.names if recorded.get(n) != data.fingerprint(n)]
   if differ:
     raise ValueError(f'mixing.doremi.reference={folder!r} trained on other data: the training '

@@ -159,7 +159,7 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   num_datasets = len(names)
   _check_batch_sizes(config, num_datasets, mesh)
   strategy = mixing.make_strategy(config.mixing, names, sizes, train_steps=config.train.steps)
-  reference_run.check_data(strategy, data)  # Before the model: DoReMi's reference, same data.
+  reference_run.check_data(config, strategy, data)  # Before the model: DoReMi's reference, same data.
 
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.

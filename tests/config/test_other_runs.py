@@ -89,4 +89,6 @@ def test_doremi_reference_run(tmp_path):
            'is not a run folder')
   _refused(_config(strategy='doremi'), 'needs mixing.doremi.reference=DIR')
   _refused(_config(strategy='excess_theta0', doremi__reference=finished),
-           'is for mixing.strategy=doremi')
+           "is only read by mixing.strategy=doremi, but the strategy is 'excess_theta0'")
+  _refused(_config(strategy='mos', replay__run=finished),
+           "mixing.replay.run=.* is only read by mixing.strategy=replay")

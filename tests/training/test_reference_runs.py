@@ -69,6 +69,17 @@ def test_replay_reproduces_the_draws_step_by_step(root, source_run):
     assert not any(k.startswith('reward/') for k in got[step])
   assert moved >= 4  # The source's mixture changed after most steps (so replay followed it).
 
+  # Its step counter is in the checkpoint: killed after step 4 and resumed from step 3, it still
+  # follows the source step by step.
+  config = _config(root, 'replay', 6, replay__run=str(source))
+  config.train.checkpoint_every = 3
+  resume_after_crash(config, str(root / 'replay_resumed'), after_batches=4, start_step=3)
+  resumed = {r['step']: r for r in metrics_lib.read_metrics(str(root / 'replay_resumed'))}
+  for step in range(7):
+    for prefix in KEYS:
+      np.testing.assert_array_equal(_values(resumed[step], prefix), _values(want[step], prefix),
+                                    err_msg=f'resumed: {prefix} at step {step}')
+
 
 def test_replay_rescales_and_static_from_run_holds_the_final_p(root, source_run):
   source, want = source_run
