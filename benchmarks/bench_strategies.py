@@ -36,7 +36,7 @@ VARIANTS = {
     'multidds': {'strategy': 'multidds'},
     'multiuat': {'strategy': 'multiuat'},
     'odm': {'strategy': 'odm'},
-    'doremi': {'strategy': 'doremi'},
+    'excess_theta0': {'strategy': 'excess_theta0'},  # doremi's cost without a reference run
 }
 
 

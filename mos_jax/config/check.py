@@ -12,6 +12,7 @@ import math
 import os
 
 from mos_jax import mixing
+from mos_jax.config import other_runs
 from mos_jax.models import lora
 from mos_jax.models import presets
 
@@ -130,10 +131,18 @@ def _problems(config) -> list[str]:
        "must be 'cache', 'device' or 'base' (LoRA)")
   need(x.reference_dtype in DTYPES, 'mixing.reference_dtype', f'must be one of {DTYPES}')
   if n:
-    try:  # Strategy, reward and target against the dataset names.
-      mixing.make_strategy(x, list(d.datasets.keys()), [1] * n)
+    try:  # Strategy, reward and target against the dataset names; replay's source run.
+      steps = t.steps if isinstance(t.steps, int) and t.steps >= 1 else 1
+      mixing.make_strategy(x, list(d.datasets.keys()), [1] * n, train_steps=steps)
     except ValueError as e:
       out.append(str(e).rstrip('.'))
+    out.extend(other_runs.reference_problems(config))  # DoReMi's reference run.
+  for section, field, owner in (('doremi', 'reference', 'doremi'), ('replay', 'run', 'replay'),
+                                ('static', 'from_run', 'static')):
+    node = x.get(section)
+    if node is not None and node.get(field) and x.strategy != owner:
+      out.append(f'mixing.{section}.{field}={node.get(field)!r} is only read by '
+                 f'mixing.strategy={owner}, but the strategy is {x.strategy!r}')
 
   for axis in ('data', 'fsdp', 'tensor'):
     value = config.mesh[axis]

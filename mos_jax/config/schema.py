@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.progress_bar = True  # Show a tqdm progress bar on process 0.
 
   c.mixing = ml_collections.ConfigDict()
-  c.mixing.strategy = 'mos'  # 'static', 'mos', 'mospec', 'multidds', 'multiuat', 'odm' or 'doremi'.
+  c.mixing.strategy = 'mos'  # 'static', 'mos', 'mospec', 'multidds', 'multiuat', 'odm', 'doremi', 'excess_theta0' or 'replay'.
   c.mixing.reward = 'diff'  # 'cossim' or 'diff'.
   c.mixing.ema = True  # MoS / MoSpec: smooth rewards with an EMA (Eq. 11).
   c.mixing.rival_ema = False  # MultiDDS / MultiUAT: the same EMA (off: their code has none).
@@ -100,6 +100,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixing.odm_alpha = 0.9  # ODM: smoothing of the importance-weighted loss reward.
   c.mixing.doremi_eta = 1.0  # DoReMi: step size of the exponentiated-gradient update.
   c.mixing.doremi_smoothing = 1e-3  # DoReMi: weight c of the uniform mixed into the weights.
+  c.mixing.doremi = ml_collections.ConfigDict()
+  c.mixing.doremi.reference = ''  # DoReMi: a finished run folder (e.g. the uni run of the same data and seed) whose final checkpoint is the reference model (strategy=excess_theta0: theta_0 instead).
+  c.mixing.replay = ml_collections.ConfigDict()
+  c.mixing.replay.run = ''  # strategy=replay: a run folder whose logged mixture (metrics.jsonl) this run follows step by step, rescaled to train.steps.
+  c.mixing.static = ml_collections.ConfigDict()
+  c.mixing.static.from_run = ''  # strategy=static: a run folder whose last logged mixture is held fixed ('' = q_tau).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # Data-parallel axis size (-1 = the rest of the devices).

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from mos_jax.experiments import reference_runs
 from mos_jax.experiments import report
 from mos_jax.experiments.verdict import MIN_SEEDS, mean_se, paired_tests, verdict
 from mos_jax.workdir import metrics as metrics_lib
@@ -67,7 +68,8 @@ def describe() -> str:
   width = max(len(n) for n in STRATEGIES)
   lines = [f'{n:<{width}}  ' + ' '.join(f'--config.{k}={_value(v)}' for k, v in o.items())
            for n, o in STRATEGIES.items()]
-  return '\n'.join(lines + ['(other mixing.* settings: the recipe\'s, the same for every row)'])
+  return '\n'.join(lines + reference_runs.describe()
+                   + ['(other mixing.* settings: the recipe\'s, the same for every row)'])
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -180,15 +182,17 @@ def split_argv(argv) -> tuple[str, list[str]]:
 def plan(config_spec: str, overrides, strategies, seeds, workdir: str) -> list[RunSpec]:
   """One run per seed x strategy (seed-major, so a partial sweep covers every strategy once).
 
-  `overrides` are the user's `--config.KEY=VALUE` arguments; the strategy's own overrides and
-  the seed come after them and win.
+  `overrides` are the user's `--config.KEY=VALUE` arguments; the strategy's own overrides, its
+  reference run's folder (doremi: the uni run of the seed, planned before it) and the seed come
+  after them and win.
   """
   runs = []
   for seed in seeds:
-    for name in strategies:
+    for name in reference_runs.run_order(strategies):
       folder = run_dir(workdir, name, seed)
       argv = ['python', '-m', 'mos_jax.train', '--config', config_spec, '--workdir', folder,
               *overrides, *(f'--config.{k}={_value(v)}' for k, v in STRATEGIES[name].items()),
+              *reference_runs.overrides(name, lambda ref, s=seed: run_dir(workdir, ref, s)),
               f'--config.seed={seed}', '--config.train.progress_bar=False']
       runs.append(RunSpec(name, seed, folder, tuple(argv)))
   return runs
@@ -314,18 +318,6 @@ def steps_to(curve: dict[int, float], target: float) -> int | None:
   return None
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _speedups(results, name: str, static: str, seeds, steps: int) -> list[float]:
   """Per paired seed: steps the best static needs to reach its own final mean dev loss over the
   steps `name` needs to reach it (seeds where `name` never reaches it are left out)."""
@@ -339,10 +331,6 @@ def _speedups(results, name: str, static: str, seeds, steps: int) -> list[float]
     if mine and theirs:
       out.append(theirs / mine)
   return out
-
-
-
-
 
 
 def collect(workdir: str, strategies, seeds, names, steps: int, header: str = '') -> dict:

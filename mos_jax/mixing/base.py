@@ -24,6 +24,9 @@ SIGNALS = {
     'embeddings': 'pooled last hidden state of each train reward batch, theta [N, D]',
     'nll': 'per-example mean token NLL on the train reward batches, theta [N, b * L] (+ valid)',
     'nll0': 'the same under theta_0 (cached or from an on-device copy) [N, b * L]',
+    'ref_excess': 'per-token clipped excess loss max(l_theta - l_ref, 0) over the trained tokens '
+                  'of each train reward batch, token-weighted, l_ref from the reference run\'s '
+                  'model (Strategy.reference_run) [N] (+ ref_tokens [N])',
     'dev_entropy': 'predictive token entropy over the trained tokens of a dev batch of each '
                    'dataset, token-weighted (sum / tokens) [N] (+ dev_tokens [N])',
     'dev_nll': 'token NLL over the same tokens, token-weighted [N] (+ dev_tokens [N])',
@@ -31,14 +34,16 @@ SIGNALS = {
                 'batch j) [N]',
 }
 # Which reward batches each signal reads.
-TRAIN_BATCH_SIGNALS = frozenset({'embeddings', 'nll', 'nll0', 'grad_cos'})
+TRAIN_BATCH_SIGNALS = frozenset({'embeddings', 'nll', 'nll0', 'ref_excess', 'grad_cos'})
 DEV_BATCH_SIGNALS = frozenset({'dev_entropy', 'dev_nll', 'grad_cos'})
 
 _REGISTRY: dict[str, Callable] = {}
 
 
 def register(*names: str):
-  """Class decorator: `from_config(mixing_config, names, sizes)` builds the strategy `name`."""
+  """Class decorator: `from_config(mixing_config, names, prior, train_steps)` builds the strategy
+  `name` (prior: q_tau over the datasets; train_steps: this run's train.steps, or None where it is
+  not known, e.g. in tests of the update rule alone)."""
   def wrap(cls):
     for name in names:
       if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -82,6 +87,13 @@ class Strategy:
     """True when `after_train_step` moves the mixture (the loader then re-reads it every step)."""
     return False
 
+  def moves_after(self, step: int) -> bool:
+    """True when the mixture may change after train step `step` (1-based) through
+    `after_train_step`: the loader then re-reads p before the next draw (and prefetching waits
+    for it). Reward-step updates are the loop's own business (mixing.update_every)."""
+    del step
+    return self.per_step
+
   @property
   def needs_embeddings(self) -> bool:
     return 'embeddings' in self.signals
@@ -90,6 +102,12 @@ class Strategy:
   def needs_reference(self) -> bool:
     """theta_0's per-example NLLs (cached or from an on-device copy)."""
     return 'nll0' in self.signals
+
+  @property
+  def reference_run(self) -> str:
+    """A finished run folder whose final model the reward step compares against ('' = none): its
+    parameters are restored beside theta and passed to the reward step as the reference."""
+    return ''
 
   def init_state(self, mixing_config, sizes, key: jax.Array) -> Any:
     raise NotImplementedError

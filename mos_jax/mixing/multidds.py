@@ -39,7 +39,7 @@ class MultiDDS(ScorerStrategy):
     return frozenset({'grad_cos'})
 
   @classmethod
-  def from_config(cls, mixing_config, names, prior):
+  def from_config(cls, mixing_config, names, prior, train_steps=None):
     base.no_target(mixing_config, 'multidds')
     return cls(name='multidds', names=names, prior=prior, min_prob=float(mixing_config.min_prob),
                ema=bool(mixing_config.rival_ema), grad_params=str(mixing_config.grad_params))

@@ -37,7 +37,7 @@ class MultiUAT(ScorerStrategy):
     return frozenset({f'dev_{self.measure}'})
 
   @classmethod
-  def from_config(cls, mixing_config, names, prior):
+  def from_config(cls, mixing_config, names, prior, train_steps=None):
     base.no_target(mixing_config, 'multiuat')
     if mixing_config.uncertainty not in MEASURES:
       raise ValueError(f'mixing.uncertainty={mixing_config.uncertainty!r} is unknown; choose one '

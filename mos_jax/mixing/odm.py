@@ -51,7 +51,7 @@ class ODM(base.Strategy):
     return True
 
   @classmethod
-  def from_config(cls, mixing_config, names, prior):
+  def from_config(cls, mixing_config, names, prior, train_steps=None):
     base.no_target(mixing_config, 'odm')
     alpha = float(mixing_config.odm_alpha)
     if not 0.0 <= alpha < 1.0:

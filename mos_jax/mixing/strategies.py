@@ -3,12 +3,15 @@
 | strategy | state                | signals              | update                                  |
 |----------|----------------------|----------------------|-----------------------------------------|
 | static   | scorer, frozen       | none                 | none: q_tau (tau 1 prop., 10 temp., inf uniform) |
+|  from_run| step counter         | none                 | none: another run's final p (replay.py)  |
+| replay   | step counter         | none                 | another run's logged p, step by step     |
 | mos      | scorer psi + Adam    | embeddings / nll,nll0| cossim / diff reward, EMA, REINFORCE (Eq. 6) |
 | mospec   | scorer psi + Adam    | embeddings / nll,nll0| cos(z_i, z_target) / target's diff x factor |
 | multidds | scorer psi + Adam    | grad_cos             | see multidds.py (no EMA by default)      |
 | multiuat | scorer psi + Adam    | dev_entropy / dev_nll| see multiuat.py (no EMA by default)      |
 | odm      | EXP3 rewards         | (train-step metrics) | see odm.py                               |
-| doremi   | domain weights       | nll, nll0            | see doremi.py                            |
+| doremi   | domain weights       | ref_excess           | see doremi.py (a reference run's model)  |
+| excess_theta0 | domain weights  | nll, nll0            | see doremi.py (theta_0 as the reference) |
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 
 from mos_jax.mixing import base
 from mos_jax.mixing import rewards as rewards_lib
+from mos_jax.mixing import replay
 from mos_jax.mixing import scorer
 from mos_jax.mixing.base import Strategy
 from mos_jax.mixing.prior import prior_probs
@@ -63,7 +67,11 @@ class Static(ScorerStrategy):
   target_factor: float = 1.0
 
   @classmethod
-  def from_config(cls, mixing_config, names, prior):
+  def from_config(cls, mixing_config, names, prior, train_steps=None):
+    source = replay.source_folder(mixing_config, 'static', 'from_run')
+    if source:  # Another run's final p, held fixed.
+      return replay.Replay.from_run(mixing_config, names, prior, source, train_steps,
+                                    final_only=True)
     return cls(name='static', names=names, prior=prior, min_prob=float(mixing_config.min_prob))
 
 
@@ -81,7 +89,7 @@ class MoS(ScorerStrategy):
     return frozenset({'embeddings'} if self.reward == 'cossim' else {'nll', 'nll0'})
 
   @classmethod
-  def from_config(cls, mixing_config, names, prior):
+  def from_config(cls, mixing_config, names, prior, train_steps=None):
     name, target = mixing_config.strategy, mixing_config.target
     if mixing_config.reward not in REWARDS:
       raise ValueError(f'mixing.reward={mixing_config.reward!r} is unknown; choose one of '
@@ -122,8 +130,12 @@ def strategy_names() -> tuple[str, ...]:
   return tuple(sorted(base.registry()))
 
 
-def make_strategy(mixing_config, names: Sequence[str], sizes: Sequence[int]) -> Strategy:
-  """Validates `config.mixing` against the datasets and builds the strategy it names."""
+def make_strategy(mixing_config, names: Sequence[str], sizes: Sequence[int],
+                  train_steps: int | None = None) -> Strategy:
+  """Validates `config.mixing` against the datasets and builds the strategy it names.
+
+  `train_steps`: the run's train.steps (replay rescales another run's mixture to it).
+  """
   names = tuple(names)
   if len(names) != len(sizes):
     raise ValueError(f'{len(names)} dataset names but {len(sizes)} sizes: {names}, {list(sizes)}.')
@@ -132,7 +144,7 @@ def make_strategy(mixing_config, names: Sequence[str], sizes: Sequence[int]) -> 
   if name not in known:
     raise ValueError(f'mixing.strategy={name!r} is unknown; choose one of {known}.')
   prior = tuple(float(p) for p in prior_probs(sizes, mixing_config.prior_temperature))
-  return base.registry()[name].from_config(mixing_config, names, prior)
+  return base.registry()[name].from_config(mixing_config, names, prior, train_steps)
 
 
 def compute_rewards(strategy: Strategy, embeddings: jax.Array | None = None,

@@ -131,6 +131,26 @@ def reward_step(params, reference_params, batch, frozen=None, *, graphdef, num_d
   return out
 
 
+def reference_excess(params, reference_params, batch, frozen=None, *, graphdef,
+                     num_datasets: int, micro_rows: int = 0):
+  """DoReMi's lambda (Xie et al. 2023, Algorithm 1 line 3) from one train reward batch of every
+  dataset ([b * N] rows, example-major): per trained token the excess loss
+  max(l_theta - l_ref, 0), clipped per token, then summed over dataset i's trained tokens and
+  divided by their number: 'ref_excess' [N] (0 without tokens) and 'ref_tokens' [N]. The
+  reference model is `reference_params` (another run's final parameters) on the same graph and,
+  with LoRA, the same frozen base. Packing does not matter: sums over tokens ignore segments."""
+  def per_row(rows):
+    nll, _ = forward_nll(graphdef, params, rows, frozen)  # [r, L] fp32
+    ref, _ = forward_nll(graphdef, reference_params, rows, frozen)
+    mask = rows['loss_mask'].astype(jnp.float32)
+    return loss_lib.masked_sums(jnp.maximum(nll - ref, 0.0), mask)  # [r], [r]
+
+  sums, tokens = in_micro_batches(per_row, batch, micro_rows)
+  sums = _per_dataset(sums, num_datasets).sum(-1)  # [N]
+  tokens = _per_dataset(tokens, num_datasets).sum(-1)
+  return {'ref_excess': sums / jnp.maximum(tokens, 1.0), 'ref_tokens': tokens}
+
+
 def reference_nll_step(params, batch, frozen=None, *, graphdef, micro_rows: int = 0):
   """Masked token NLL [B, L] (fp32, 0 where not trained) for the theta_0 cache pass, `micro_rows`
   rows per forward; the host averages it per example (rows may be packed)."""
@@ -237,7 +257,9 @@ def signal_step(params, reference_params, batches, frozen=None, *, graphdef, num
                 base_reference: bool = False):
   """The declared `signals` (and the valid masks that go with them) as a dict of arrays.
 
-  `frozen`: a LoRA run's frozen base; `micro_rows` and `base_reference` go to reward_step.
+  `reference_params`: theta_0 on device (nll0 with diff_reference='device') or the reference
+  run's final parameters (ref_excess), else None. `frozen`: a LoRA run's frozen base;
+  `micro_rows` and `base_reference` go to reward_step.
   """
   signals = frozenset(signals)
   unknown = signals - set(base.SIGNALS)
@@ -249,6 +271,12 @@ def signal_step(params, reference_params, batches, frozen=None, *, graphdef, num
                                  graphdef=graphdef, num_datasets=num_datasets,
                                  with_embeddings='embeddings' in signals, micro_rows=micro_rows,
                                  base_reference=base_reference))
+  if 'ref_excess' in signals:
+    if reference_params is None:
+      raise ValueError('the ref_excess signal needs the reference run\'s parameters.')
+    out.update(reference_excess(params, reference_params, batches['train'], frozen,
+                                graphdef=graphdef, num_datasets=num_datasets,
+                                micro_rows=micro_rows))
   if signals & {'dev_entropy', 'dev_nll'}:
     dev = dev_uncertainty(graphdef, params, batches['dev'], frozen, num_datasets=num_datasets)
     out.update({k: v for k, v in dev.items() if k in signals or k == 'dev_tokens'})

@@ -182,7 +182,7 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
   updates_after = lambda step: (run.strategy.updates_scorer
                                  and (step - 1) % config.mixing.update_every == 0)
   # The draw after a step that moves the mixture must use the new one: the prefetcher holds there.
-  moves_after = lambda step: run.strategy.per_step or updates_after(step)
+  moves_after = lambda step: run.strategy.moves_after(step) or updates_after(step)
   feed = prefetch.Prefetcher(data.train, functools.partial(distributed.host_local_to_global,
                                                            mesh=run.mesh),
                              run.start_step + 1, tc.steps, config.data.prefetch, moves_after)
@@ -192,7 +192,7 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
     for step in range(run.start_step + 1, tc.steps + 1):
       run.state, metrics = run.train_fn(run.state, feed.next(step))
       window.add(metrics)
-      if run.strategy.per_step:  # It moved the mixture inside the train step (e.g. ODM).
+      if run.strategy.moves_after(step):  # It moved p in the train step (ODM, replay).
         data.train.set_probabilities(current_probs(run))
 
       line = {}

@@ -35,6 +35,7 @@ from mos_jax.steps import reference_cache
 from mos_jax.steps import reward as reward_lib
 from mos_jax.steps import sft
 from mos_jax.steps.state import TrainState, initial_state
+from mos_jax.training import reference_run
 from mos_jax.training import resume as resume_lib
 from mos_jax.workdir import checkpoint as checkpoint_lib
 from mos_jax.workdir import lock as lock_lib
@@ -85,7 +86,8 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
                       workdir, is_main, frozen=None):
   """The jitted reward step (the strategy's signals) and update, and the theta_0 NLL tables.
 
-  theta_0 is the initial model: a resumed run rebuilds it the same way before restoring.
+  theta_0 is the initial model: a resumed run rebuilds it the same way before restoring. A
+  strategy with a reference run (DoReMi) gets that run's final parameters instead.
   """
   replicated = sharding.replicated(mesh)
   reference = config.mixing.diff_reference  # 'cache', 'device' or 'base' (config_check).
@@ -94,6 +96,8 @@ def _mixing_functions(config, strategy, graphdef, initial_params, param_sharding
     ref_dtype = jnp.dtype(config.mixing.reference_dtype)
     reference_params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(ref_dtype), p),
                                out_shardings=param_shardings)(initial_params)
+  if strategy.reference_run:  # DoReMi: another run's final model (reference_run.py).
+    reference_params = reference_run.load_params(strategy, initial_params, param_shardings, mesh)
   grad_mask = None
   if 'grad_cos' in strategy.signals:
     grad_mask = reward_lib.gradient_mask(initial_params, config.mixing.grad_params)
@@ -154,7 +158,8 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   names = data.names
   num_datasets = len(names)
   _check_batch_sizes(config, num_datasets, mesh)
-  strategy = mixing.make_strategy(config.mixing, names, sizes)
+  strategy = mixing.make_strategy(config.mixing, names, sizes, train_steps=config.train.steps)
+  reference_run.check_data(config, strategy, data)  # Before the model: DoReMi's reference, same data.
 
   # The model is built outside the mesh context: its params carry logical names, which
   # init_model/load_hf map to mesh axes themselves.

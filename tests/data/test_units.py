@@ -130,3 +130,15 @@ def test_bad_unit_is_named(files):
   config.mixing.unit = 'sentence'
   with pytest.raises(ValueError, match="mixing.unit='sentence' must be 'example', 'token' or 'row'"):
     config_check.validate(config)
+
+
+def test_a_dataset_without_units_is_refused_in_one_line_naming_it(files, tmp_path):
+  """mixing.unit='token' with an empty dataset: nothing to measure, refused naming the dataset
+  (before a model or a workdir exists)."""
+  tok_dir, paths = files
+  empty = write_jsonl(str(tmp_path / 'nothing.jsonl'), [])
+  config = small_config(tok_dir, {'short': paths['short'], 'nothing': empty})
+  config.mixing.unit = 'token'
+  with pytest.raises(ValueError, match=r"dataset 'nothing' is empty") as info:
+    build_data(config)
+  assert '\n' not in str(info.value)

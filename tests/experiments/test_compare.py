@@ -37,6 +37,22 @@ def test_split_argv_and_plan():
   assert all(name in listing for name in comparison.STRATEGIES)
 
 
+def test_doremi_is_pointed_at_the_uni_run_of_its_seed_trained_before_it():
+  runs = comparison.plan('configs/demo.py', [], ['mos_diff', 'doremi'], [0, 1], 'w')
+  # uni is not asked for: it is still trained first in each seed (as doremi's reference).
+  assert [(r.strategy, r.seed) for r in runs] == [
+      ('mos_diff', 0), ('uni', 0), ('doremi', 0), ('mos_diff', 1), ('uni', 1), ('doremi', 1)]
+  for seed in (0, 1):
+    doremi = next(r for r in runs if r.strategy == 'doremi' and r.seed == seed)
+    assert f'--config.mixing.doremi.reference=w/uni/seed{seed}' in doremi.argv
+    assert '--config.mixing.strategy=doremi' in doremi.argv
+  # Asked for after doremi, uni still runs once per seed, before it.
+  runs = comparison.plan('configs/demo.py', [], ['doremi', 'uni'], [3], 'w')
+  assert [r.strategy for r in runs] == ['uni', 'doremi']
+  assert not any('doremi.reference' in a for a in runs[0].argv)
+  assert 'doremi reads --config.mixing.doremi.reference' in comparison.describe()
+
+
 def test_ranks_and_steps_to_target():
   assert report.rank_order({'a': 2.0, 'b': 1.0, 'c': 3.0, 'd': 1.0}) == {
       'a': 2, 'b': 1, 'c': 0, 'd': 1}

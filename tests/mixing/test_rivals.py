@@ -1,4 +1,5 @@
-"""MultiDDS, MultiUAT, ODM and DoReMi: each reward and update rule on inputs with known answers."""
+"""MultiDDS, MultiUAT, ODM and DoReMi against theta_0 (excess_theta0): each reward and update rule
+on inputs with known answers (DoReMi with a reference run: test_doremi_reference.py)."""
 
 import math
 
@@ -47,15 +48,15 @@ def _take(batch, rows):
 
 def test_every_strategy_is_registered_and_declares_known_signals():
   assert set(strategy_names()) >= {'static', 'mos', 'mospec', 'multidds', 'multiuat', 'odm',
-                                   'doremi'}
-  for name in ('multidds', 'multiuat', 'odm', 'doremi'):
+                                   'doremi', 'excess_theta0', 'replay'}
+  for name in ('multidds', 'multiuat', 'odm', 'excess_theta0'):
     s = make_strategy(_config(strategy=name), NAMES, [10, 30])
     assert s.signals <= set(base.SIGNALS), name
     hash(s)  # closable over in a jit
   assert make_strategy(_config(strategy='multidds'), NAMES, [1, 1]).signals == {'grad_cos'}
   assert make_strategy(_config(strategy='multiuat', uncertainty='nll'), NAMES,
                        [1, 1]).signals == {'dev_nll'}
-  assert make_strategy(_config(strategy='doremi'), NAMES, [1, 1]).needs_reference
+  assert make_strategy(_config(strategy='excess_theta0'), NAMES, [1, 1]).needs_reference
   o = make_strategy(_config(strategy='odm'), NAMES, [1, 1])
   assert o.per_step and not o.updates_scorer
   assert reward_lib.batches_needed({'grad_cos'}) == ('train', 'dev')
@@ -66,8 +67,10 @@ def test_every_strategy_is_registered_and_declares_known_signals():
 @pytest.mark.parametrize('overrides,match', [
     ({'strategy': 'multiuat', 'uncertainty': 'mc'}, 'mixing.uncertainty'),
     ({'strategy': 'odm', 'odm_alpha': 1.0}, 'odm_alpha'),
-    ({'strategy': 'doremi', 'doremi_eta': 0.0}, 'doremi_eta'),
-    ({'strategy': 'doremi', 'doremi_smoothing': 2.0}, 'doremi_smoothing'),
+    ({'strategy': 'excess_theta0', 'doremi_eta': 0.0}, 'doremi_eta'),
+    ({'strategy': 'excess_theta0', 'doremi_smoothing': 2.0}, 'doremi_smoothing'),
+    ({'strategy': 'doremi'}, 'needs mixing.doremi.reference=DIR.*excess_theta0'),
+    ({'strategy': 'replay'}, 'needs mixing.replay.run=DIR'),
     ({'strategy': 'multidds', 'target': 'a'}, 'only used by'),
 ])
 def test_bad_settings_are_named(overrides, match):
@@ -199,8 +202,8 @@ def test_odm_exploration_rate():
                              rtol=1e-6)
 
 
-def test_doremi_update_over_two_steps():
-  s = make_strategy(_config(strategy='doremi', doremi_eta=1.0, doremi_smoothing=0.1), NAMES,
+def test_excess_theta0_update_over_two_steps():
+  s = make_strategy(_config(strategy='excess_theta0', doremi_eta=1.0, doremi_smoothing=0.1), NAMES,
                     [10, 10])
   state = s.init_state(None, [10, 10], None)
   update = jax.jit(s.make_update(None))

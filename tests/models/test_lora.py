@@ -575,7 +575,7 @@ def test_qlora_generates_with_the_kv_cache(qlora_base):
     assert out == buf[len(prompt):]
 
 
-@pytest.mark.parametrize('strategy', ['multidds', 'multiuat', 'odm', 'doremi'])
+@pytest.mark.parametrize('strategy', ['multidds', 'multiuat', 'odm', 'excess_theta0'])
 def test_lora_runs_the_rival_strategies(strategy, tmp_path):
   """MultiDDS (adapter gradients as the signal), MultiUAT, ODM and DoReMi (theta_0 = the base
   with the adapters off) with LoRA and dropout: the base stays bit-identical, the adapters and
@@ -585,7 +585,7 @@ def test_lora_runs_the_rival_strategies(strategy, tmp_path):
   config.mixing.strategy = strategy
   config.mixing.update_every = 2
   config.model.lora.dropout = 0.1
-  if strategy == 'doremi':
+  if strategy == 'excess_theta0':
     config.mixing.prior_temperature = 1.0  # As in test_train_strategies: the smoothing towards
     config.mixing.doremi_smoothing = 0.5  # uniform moves it even when the excess loss is 0.
   straight = str(tmp_path / 'straight')

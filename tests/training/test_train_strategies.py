@@ -17,13 +17,13 @@ def _lines(workdir):
   return [{k: v for k, v in r.items() if not k.startswith('perf/')} for r in rows]
 
 
-@pytest.mark.parametrize('strategy', ['multidds', 'multiuat', 'odm', 'doremi'])
+@pytest.mark.parametrize('strategy', ['multidds', 'multiuat', 'odm', 'excess_theta0'])
 def test_strategy_trains_and_resumes_exactly(tmp_path, strategy):
   config = demo_config(tmp_path, train__steps=6, train__checkpoint_every=3, train__log_every=1,
                        train__eval_every=0, train__eval_batches=1)
   config.mixing.strategy = strategy
   config.mixing.update_every = 2
-  if strategy == 'doremi':
+  if strategy == 'excess_theta0':
     config.mixing.diff_reference = 'cache'  # The theta_0 NLL cache that MoS's DIFF uses.
     config.mixing.prior_temperature = 1.0  # Starts proportional: the smoothing towards uniform
     config.mixing.doremi_smoothing = 0.5  # moves it visibly even when the excess loss is 0.
