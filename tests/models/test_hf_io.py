@@ -81,8 +81,10 @@ def _copy_with(src, dst, mutate_tensors=None, mutate_config=None):
 
 
 def test_unsupported_model_type(llama_dir, tmp_path):
-  bad = _copy_with(llama_dir, tmp_path / 'm', mutate_config=lambda c: c.update(model_type='mistral'))
-  with pytest.raises(models.CheckpointError, match=r"'mistral'.*supported: gemma, llama, qwen2"):
+  bad = _copy_with(llama_dir, tmp_path / 'm', mutate_config=lambda c: c.update(model_type='gpt2'))
+  with pytest.raises(models.CheckpointError,
+                     match=r"'gpt2'.*supported: gemma, gemma2, gemma3_text, llama, mistral, qwen2, "
+                           r"qwen3\.$"):
     models.load_hf(bad)
 
 
@@ -113,8 +115,8 @@ def test_shape_mismatch(llama_dir, tmp_path):
     t['model.layers.0.self_attn.k_proj.weight'] = np.zeros((16, 16), np.float32)
   bad = _copy_with(llama_dir, tmp_path / 'm', mutate_tensors=mutate)
   with pytest.raises(models.CheckpointError,
-                     match=r'model\.layers\.0\.self_attn\.k_proj\.weight: expected \[8, 16\], '
-                           r'found \[16, 16\]'):
+                     match=r'tensor model\.layers\.0\.self_attn\.k_proj\.weight: expected '
+                           r'\[8, 16\] \(from config\.json\), found \[16, 16\]\.$'):
     models.load_hf(bad)
 
 
