@@ -132,10 +132,13 @@ class ModelConfig:
     if self.post_norms != gemma_new:
       fail(f'post_norms={self.post_norms} does not match family {self.family!r} (Gemma 2 and 3 '
            'always have them, the others never do).')
-    for name in ('query_pre_attn_scalar', 'attn_logit_softcap', 'final_logit_softcap'):
+    # transformers' Gemma3Attention never passes attn_logit_softcapping to its attention.
+    for name, owners in (('query_pre_attn_scalar', ('gemma2', 'gemma3_text')),
+                         ('attn_logit_softcap', ('gemma2',)),
+                         ('final_logit_softcap', ('gemma2', 'gemma3_text'))):
       value = getattr(self, name)
-      if value is not None and not gemma_new:
-        fail(f'{name} is a Gemma 2 / 3 option; family {self.family!r} has none.')
+      if value is not None and self.family not in owners:
+        fail(f'{name} is an option of {" / ".join(owners)} only, not of {self.family!r}.')
       if value is not None and float(value) <= 0:
         fail(f'{name} must be positive, got {value}.')
     if self.sliding_window is not None:

@@ -124,10 +124,14 @@ def _gemma_new_from(hf, model_type):
     pattern = hf.get('sliding_window_pattern', hf.get('_sliding_window_pattern', 6))
     default, softcaps = (lambda i: (i + 1) % pattern != 0), (None, None)
   layer_types = _sliding(hf.get('layer_types'), n, default)
+  if model_type == 'gemma3_text' and hf.get('attn_logit_softcapping') is not None:
+    # Gemma3Attention (modeling_gemma3.py) ignores it; a model that honoured it would differ.
+    refuse(model_type, 'attn_logit_softcapping (transformers\' Gemma 3 ignores it)')
   return dict(
       post_norms=True, qk_norm=model_type == 'gemma3_text',
       query_pre_attn_scalar=float(hf.get('query_pre_attn_scalar', 256)),
-      attn_logit_softcap=hf.get('attn_logit_softcapping', softcaps[0]),
+      attn_logit_softcap=(hf.get('attn_logit_softcapping', softcaps[0])
+                          if model_type == 'gemma2' else None),
       final_logit_softcap=hf.get('final_logit_softcapping', softcaps[1]),
       sliding_window=window if 'sliding_attention' in layer_types else None,
       layer_types=layer_types if 'sliding_attention' in layer_types else None)
@@ -153,7 +157,9 @@ def _mistral_to(c: ModelConfig) -> dict:
 
 
 def _gemma_new_to(c: ModelConfig) -> dict:
-  return dict(attention_bias=False, query_pre_attn_scalar=c.query_pre_attn_scalar,
+  scalar = float(c.query_pre_attn_scalar or c.head_dim)  # Gemma2Config wants an int.
+  return dict(attention_bias=False,
+              query_pre_attn_scalar=int(scalar) if scalar.is_integer() else scalar,
               attn_logit_softcapping=c.attn_logit_softcap,
               final_logit_softcapping=c.final_logit_softcap,
               sliding_window=c.sliding_window or 4096, layer_types=_layer_types_list(c))
