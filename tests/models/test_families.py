@@ -8,11 +8,14 @@ over the KV cache equal to transformers' greedy generate, and the export round t
 """
 
 import functools
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
@@ -158,11 +161,12 @@ def _tokenizer_stub():
   return type('Tok', (), {'pad_token_id': 0, 'eos_token_id': None})()
 
 
-@pytest.mark.parametrize('family', FAMILIES)
-def test_greedy_generation_equals_transformers(checkpoints, family):
+@pytest.mark.parametrize('family,scan', [(f, False) for f in FAMILIES] + [('gemma3_text', True)])
+def test_greedy_generation_equals_transformers(checkpoints, family, scan):
+  """The KV cache masks keys outside the window (transformers' sliding cache drops them)."""
   folder, torch_model = checkpoints[family]
   prompts = [[5, 17, 33, 2, 9, 61, 70], [44, 3], [8, 8, 19, 90, 1]]
-  got = sampler.Generator(models.load_hf(folder), _tokenizer_stub(),
+  got = sampler.Generator(models.load_hf(folder, scan_layers=scan), _tokenizer_stub(),
                           stop_ids=[]).generate_ids(prompts, 12)
   width = max(map(len, prompts))
   ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -190,3 +194,60 @@ def test_export_round_trip(checkpoints, family, tmp_path):
   assert rel_err(got, ref_logits, mask) <= 1e-6
   again = models.load_hf(tmp_path / 'out')
   assert again.config == model.config.replace(scan_layers=False)
+
+
+def _hf_config(checkpoints, family, **changes):
+  hf = json.loads((checkpoints[family][0] / 'config.json').read_text())
+  hf.update(changes)
+  return hf
+
+
+@pytest.mark.parametrize('family,changes,message', [
+    ('gemma3_text', {'model_type': 'gemma3'}, r"'gemma3': Gemma 3 multimodal .*vision_config"),
+    ('gemma3_text', {'vision_config': {'hidden_size': 8}}, r'multimodal checkpoint \(vision_config\)'),
+    ('qwen3', {'model_type': 'qwen3_moe'}, r'Qwen3-MoE \(mixture of experts\)'),
+    ('qwen3', {'model_type': 'qwen3_vl'}, r'Qwen3-VL \(multimodal\)'),
+    ('qwen3', {'num_experts': 8}, r'mixture-of-experts \(num_experts=8\)'),
+    ('mistral', {'attn_logit_softcapping': 50.0}, r"field 'attn_logit_softcapping' \(=50\.0\)"),
+    ('gemma3_text', {'attn_logit_softcapping': 50.0}, r"attn_logit_softcapping \(transformers"),
+    ('qwen3', {'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e6, 'factor': 4.0}},
+     r"rope type 'yarn' \(rope_parameters\)"),
+    ('gemma2', {'rope_parameters': {'rope_type': 'linear', 'rope_theta': 1e4, 'factor': 2.0,
+                                    'beta_fast': 3}}, r'rope_parameters\.beta_fast'),
+    ('mistral', {'partial_rotary_factor': 0.5}, r'partial_rotary_factor=0\.5'),
+    ('mistral', {'layer_types': ['sliding_attention', 'full_attention']}, r'layer_types'),
+])
+def test_unsupported_config_fields_are_named(checkpoints, family, changes, message):
+  hf = _hf_config(checkpoints, family, **changes)
+  with pytest.raises(models.CheckpointError, match=message) as e:
+    models.config_from_hf(hf)
+  assert '\n' not in str(e.value)
+
+
+def test_published_config_layouts(checkpoints):
+  """config.json as google/gemma-3-1b-pt and google/gemma-2-9b have it (classic rope fields,
+  sliding_window_pattern, sliding_window_size, cache_implementation) reads as the new layout."""
+  new = _hf_config(checkpoints, 'gemma3_text')
+  classic = {k: v for k, v in new.items() if k not in ('rope_parameters', 'layer_types')}
+  classic.update(rope_theta=1e5, rope_local_base_freq=300.0, cache_implementation='hybrid',
+                 rope_scaling={'rope_type': 'linear', 'factor': 4.0}, sliding_window_pattern=2)
+  got = models.config_from_hf(classic)
+  assert got.local_layers == (True, False, True, False)  # sliding_window_pattern 2
+  assert got == models.config_from_hf(new).replace(layer_types=got.layer_types)
+  gemma2 = _hf_config(checkpoints, 'gemma2', sliding_window_size=WINDOW,
+                      cache_implementation='hybrid')
+  del gemma2['layer_types']  # Gemma2Config's default: local, global, local, ...
+  assert models.config_from_hf(gemma2) == models.config_from_hf(_hf_config(checkpoints, 'gemma2'))
+
+
+def test_tensor_shape_mismatch_names_the_first_tensor(checkpoints, tmp_path):
+  folder, _ = checkpoints['qwen3']
+  tensors = safetensors.numpy.load_file(folder / 'model.safetensors')
+  tensors['model.layers.1.self_attn.q_norm.weight'] = np.zeros(16, np.float32)
+  tensors['model.layers.2.mlp.up_proj.weight'] = np.zeros((3, 3), np.float32)
+  safetensors.numpy.save_file(tensors, tmp_path / 'model.safetensors', metadata={'format': 'pt'})
+  shutil.copy(folder / 'config.json', tmp_path / 'config.json')
+  with pytest.raises(models.CheckpointError,
+                     match=r'tensor model\.layers\.1\.self_attn\.q_norm\.weight: expected \[12\] '
+                           r'\(from config\.json\), found \[16\]\.$'):
+    models.load_hf(tmp_path)
