@@ -17,7 +17,8 @@ from mos_jax.models import hf_io
 from mos_jax.models.decoder import abstract_model
 
 PUBLISHED_COUNTS = {'qwen1.5-0.5b': 463_987_712, 'gemma-2b': 2_506_172_416,
-                    'llama-3-8b': 8_030_261_248}
+                    'llama-3-8b': 8_030_261_248, 'qwen3-8b': 8_190_735_360,
+                    'gemma-3-4b': 3_880_263_168, 'mistral-7b': 7_248_023_552}
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED_COUNTS))
@@ -35,7 +36,8 @@ def test_tiny_preset_and_overrides():
   tiny = models.get_preset('tiny', vocab_size=300)
   assert tiny.family == 'llama' and tiny.vocab_size == 300
   assert 100_000 < models.param_count(models.PRESETS['tiny']) < 1_000_000
-  with pytest.raises(KeyError, match='available: gemma-2b, llama-3-8b, qwen1.5-0.5b, tiny'):
+  with pytest.raises(KeyError, match='available: gemma-2b, gemma-3-4b, llama-3-8b, mistral-7b, '
+                                     'qwen1.5-0.5b, qwen3-8b, tiny, tiny-gemma2'):
     models.get_preset('gpt2')
   with pytest.raises(TypeError, match='no field'):
     models.get_preset('tiny', hidden=3)
