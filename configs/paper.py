@@ -2,8 +2,9 @@
 
     python -m mos_jax.train --config configs/paper.py:llama-cossim --workdir runs/llama-cossim
 
-Variants `<model>-<reward>`: model qwen (Qwen1.5-0.5B), gemma (Gemma-2B), llama (Llama-3-8B);
-reward cossim or diff. Static baselines of Table 2 on the same data and model:
+Variants `<model>-<reward>`: model qwen (Qwen1.5-0.5B), gemma (Gemma-2B), llama (Llama-3-8B),
+and the newer families with the same hyper-parameters: qwen3 (Qwen3-8B), gemma3 (Gemma-3-4B,
+its text model), mistral (Mistral-7B-v0.3); reward cossim or diff. Static baselines of Table 2 on the same data and model:
 
     --config.mixing.strategy=static --config.mixing.prior_temperature=1    # PROP. (tau = 1)
     --config.mixing.strategy=static --config.mixing.prior_temperature=10   # TEMP. (tau = 10)

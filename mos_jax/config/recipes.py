@@ -21,6 +21,15 @@ MODELS = {
                   template='gemma'),
     'llama': dict(hf_checkpoint='/path/to/Meta-Llama-3-8B', hub_id='meta-llama/Meta-Llama-3-8B',
                   template='llama3'),
+    # The newer families (not in the paper; its §4.1 hyper-parameters unchanged).
+    'qwen3': dict(hf_checkpoint='/path/to/Qwen3-8B-Base', hub_id='Qwen/Qwen3-8B-Base',
+                  template='chatml'),
+    # google/gemma-3-4b-pt is multimodal (Gemma3ForConditionalGeneration), which load_hf
+    # refuses: point this at its text model saved as Gemma3ForCausalLM (docs/models.md).
+    'gemma3': dict(hf_checkpoint='/path/to/gemma-3-4b-pt-text', hub_id='google/gemma-3-4b-pt',
+                   template='gemma'),
+    'mistral': dict(hf_checkpoint='/path/to/Mistral-7B-v0.3', hub_id='mistralai/Mistral-7B-v0.3',
+                    template='vicuna'),
 }
 
 # Table 1: training examples per dataset after the paper's random 10% sample.

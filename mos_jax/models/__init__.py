@@ -1,4 +1,5 @@
-"""The decoder backbone (Llama / Qwen2 / Gemma), its presets, and HF checkpoint import/export."""
+"""The decoder backbone (Llama / Qwen2 / Qwen3 / Mistral / Gemma 1-3), its presets, and HF
+checkpoint import/export."""
 
 from mos_jax.models.config import ModelConfig
 from mos_jax.models.decoder import Decoder, DecoderOutput, init_model

@@ -1,4 +1,5 @@
-"""The decoder (Llama / Qwen2 / Gemma) in Flax NNX.
+"""The decoder (Llama / Qwen2 / Qwen3 / Mistral / Gemma 1-3) in Flax NNX: one module, families
+as ModelConfig options (QK-norm, sandwich norms, soft-capping, sliding-window layers).
 
 Shape letters used in einsum strings and `# [..]` comments:
   B batch, L sequence (queries), S sequence (keys), D hidden, V vocab, F mlp,
@@ -13,7 +14,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mos_jax.models import loss as loss_lib
@@ -21,6 +21,7 @@ from mos_jax.infra import sharding as sharding_lib
 from mos_jax.models import kv_cache
 from mos_jax.models import attention as attention_lib
 from mos_jax.models.config import ModelConfig
+from mos_jax.models.rope import apply_rope, rope_tables
 
 INIT_STD = 0.02  # HF `initializer_range` of all three families.
 # model.remat names -> what each layer keeps for the backward pass (jax.checkpoint_policies);
@@ -55,12 +56,14 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 
 
 class RMSNorm(nnx.Module):
+  """Over the hidden size, or over head_dim (`per_head`: Qwen3 / Gemma 3 QK-norm)."""
 
-  def __init__(self, config: ModelConfig):
+  def __init__(self, config: ModelConfig, per_head: bool = False):
     self.eps = config.rms_norm_eps
     self.plus_one = config.gemma_norm
     init = jnp.zeros if self.plus_one else jnp.ones
-    self.weight = _param(init((config.hidden_size,), config.param_dtype), 'norm')
+    size = config.head_dim if per_head else config.hidden_size
+    self.weight = _param(init((size,), config.param_dtype), 'head_dim' if per_head else 'norm')
 
   def __call__(self, x):  # [..., D]
     x32 = x.astype(jnp.float32)
@@ -70,42 +73,14 @@ class RMSNorm(nnx.Module):
     return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)  # Llama casts, then multiplies.
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [H/2] (float32), with the llama3 long-context rescaling if configured."""
-  h = config.head_dim
-  inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float32) / h))
-  inv_freq = inv_freq.astype(np.float32)
-  if config.rope_scaling is None:
-    return inv_freq
-  s = config.rope_scaling_dict  # llama3: divide low frequencies by `factor`, interpolate the middle.
-  factor, low, high = s['factor'], s['low_freq_factor'], s['high_freq_factor']
-  old_len = s['original_max_position_embeddings']
-  wavelen = 2 * np.pi / inv_freq
-  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-  smooth = (old_len / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_tables(config: ModelConfig, positions):
-  """cos, sin [B, L, H] in the compute dtype (HF's half-split layout: freqs repeated twice)."""
-  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(config)  # [B, L, H/2]
-  freqs = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(freqs).astype(config.dtype), jnp.sin(freqs).astype(config.dtype)
-
-
-def apply_rope(x, cos, sin):  # x [B, L, N, H]; cos, sin [B, L, H]
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-
-
 class Attention(nnx.Module):
+  """Grouped-query attention with RoPE. `local`: this layer's kind (True = sliding window and
+  the local RoPE), or None in a stacked block whose layers differ (then given per call)."""
 
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, local: bool | None = None):
     c = config
     self.config = c
+    self.local = local
     d, n, k, h, pd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.param_dtype
     self.q_proj = _param(_normal(rngs, (d, n, h), pd), 'embed', 'heads', 'head_dim')
     self.k_proj = _param(_normal(rngs, (d, k, h), pd), 'embed', 'kv_heads', 'head_dim')
@@ -115,10 +90,14 @@ class Attention(nnx.Module):
       self.q_bias = _param(jnp.zeros((n, h), pd), 'heads', 'head_dim')
       self.k_bias = _param(jnp.zeros((k, h), pd), 'kv_heads', 'head_dim')
       self.v_bias = _param(jnp.zeros((k, h), pd), 'kv_heads', 'head_dim')
+    if c.qk_norm:
+      self.q_norm = RMSNorm(c, per_head=True)
+      self.k_norm = RMSNorm(c, per_head=True)
 
-  def __call__(self, x, cos, sin, segment_ids, cache=None):
-    # x [B, L, D]; segment_ids [B, L] or None; with a cache (decoding), the 4th argument is the
-    # cache's mask [B, 1, L, S] (kv_cache.advance) instead.
+  def __call__(self, x, rope, segment_ids, local=None, cache=None):
+    # x [B, L, D]; rope: rope.Rope; segment_ids [B, L] or None; with a cache (decoding), the 3rd
+    # argument is the cache's masks (kv_cache.advance) instead. `local` (traced) only when
+    # self.local is None.
     # Projections end in .astype(dt): a no-op here, it keeps qwix LoRA deltas (stored in the
     # parameter dtype) from promoting the activations.
     dt = self.config.dtype
@@ -129,13 +108,26 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
+    if self.config.qk_norm:  # Per head, before RoPE (Qwen3Attention, Gemma3Attention).
+      q, k = self.q_norm(q), self.k_norm(k)
+    local = self.local if self.local is not None else local
+    cos, sin = rope.pick(local)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    c = self.config
     if cache is not None:  # Decoding: attend over the KV cache (kv_cache.LayerCache).
-      out, cache = kv_cache.attend(q, k, v, segment_ids, cache)
+      out, cache = kv_cache.attend(q, k, v, segment_ids, cache, local, scale=c.attention_scale,
+                                   softcap=c.attn_logit_softcap)
       # The same projection as below (a QLoRA weight is no Param; the delta keeps dtype dt).
       return jnp.einsum('BLNH,NHD->BLD', out, _weight(self.o_proj, dt)).astype(dt), cache
-    # Causal within segments, grouped-query (K < N), scale 1/sqrt(H); the kernel per platform.
-    out = attention_lib.attend(q, k, v, segment_ids, self.config.attention_impl)  # [B, L, N, H]
+    # Causal within segments (and the window), grouped-query (K < N); the kernel per platform.
+    def run(window):
+      return lambda q, k, v, seg: attention_lib.attend(
+          q, k, v, seg, c.attention_impl, scale=c.attention_scale, softcap=c.attn_logit_softcap,
+          window=window)
+    if isinstance(local, bool):
+      out = run(c.sliding_window if local else None)(q, k, v, segment_ids)  # [B, L, N, H]
+    else:  # A scanned stack of mixed layers: each kernel keeps a static window.
+      out = jax.lax.cond(local, run(c.sliding_window), run(None), q, k, v, segment_ids)
     return jnp.einsum('BLNH,NHD->BLD', out, _weight(self.o_proj, dt)).astype(dt)
 
 
@@ -161,21 +153,28 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with post_norms (Gemma 2
+  / 3) the attention and MLP outputs are normed too: x + norm(attn(norm(x)))."""
 
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, local: bool | None = None):
     self.attn_norm = RMSNorm(config)
-    self.attn = Attention(config, rngs)
+    self.attn = Attention(config, rngs, local)
     self.mlp_norm = RMSNorm(config)
     self.mlp = MLP(config, rngs)
+    if config.post_norms:
+      self.attn_post_norm = RMSNorm(config)
+      self.mlp_post_norm = RMSNorm(config)
 
-  def __call__(self, x, cos, sin, segment_ids, cache=None):
-    if cache is not None:  # Decoding: (x, cache) out (kv_cache.LayerCache); segment_ids = mask.
-      attn, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache)
-      x = x + attn
-      return x + self.mlp(self.mlp_norm(x)), cache
-    x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
-    return x + self.mlp(self.mlp_norm(x))
+  def _post(self, name, y):
+    return getattr(self, name)(y) if self.attn.config.post_norms else y
+
+  def __call__(self, x, rope, segment_ids, local=None, cache=None):
+    if cache is not None:  # Decoding: (x, cache) out (kv_cache.LayerCache); segment_ids = masks.
+      attn, cache = self.attn(self.attn_norm(x), rope, segment_ids, local, cache)
+      x = x + self._post('attn_post_norm', attn)
+      return x + self._post('mlp_post_norm', self.mlp(self.mlp_norm(x))), cache
+    x = x + self._post('attn_post_norm', self.attn(self.attn_norm(x), rope, segment_ids, local))
+    return x + self._post('mlp_post_norm', self.mlp(self.mlp_norm(x)))
 
 
 def segment_positions(segment_ids):
@@ -195,15 +194,18 @@ class Decoder(nnx.Module):
     self.config = c
     self.embed = _param(_normal(rngs, (c.vocab_size, c.hidden_size), c.param_dtype),
                         'vocab', 'embed')
+    kinds = c.local_layers
     if c.scan_layers:
-      # One Block whose every parameter has a leading [Y] axis, named 'layers' for sharding.
+      # One Block whose every parameter has a leading [Y] axis, named 'layers' for sharding. Its
+      # layer kind is static when all layers share it; else each step of the scan is told.
+      uniform = kinds[0] if len(set(kinds)) == 1 else None
       @nnx.split_rngs(splits=c.num_layers)
       @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
       def stacked(rngs):
-        return Block(c, rngs)
+        return Block(c, rngs, uniform)
       self.layers = stacked(rngs)
     else:
-      self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+      self.layers = nnx.List([Block(c, rngs, kinds[i]) for i in range(c.num_layers)])
     self.final_norm = RMSNorm(c)
     self.lm_head = (None if c.tie_embeddings else
                     _param(_normal(rngs, (c.hidden_size, c.vocab_size), c.param_dtype),
@@ -247,7 +249,8 @@ class Decoder(nnx.Module):
     """
     c = self.config
     if cache is not None:
-      positions, mask, cache = kv_cache.advance(cache, attention_mask, x.shape[:2])
+      positions, mask, cache = kv_cache.advance(cache, attention_mask, x.shape[:2],
+                                                c.sliding_window)
     elif attention_mask is not None:
       ones = jnp.ones(attention_mask.shape, jnp.int32)
       segment_ids = jnp.where(attention_mask.astype(bool),
@@ -259,25 +262,26 @@ class Decoder(nnx.Module):
         positions = segment_positions(segment_ids)
     # Attention stays within segments (mos_jax.models.attention). Padding (segment 0) attends to
     # padding, and causality keeps the diagonal, so padded rows stay finite (no NaN gradients).
-    cos, sin = rope_tables(c, positions)
+    rope = rope_tables(c, positions)
+    kinds = jnp.asarray(c.local_layers)  # [Y] bool, read by a scanned stack of mixed layers
     # Pin activations to batch sharding: left to propagation from the FSDP-sharded weights,
     # every device would compute the whole batch (README: "Memory per device"). No-op without a mesh.
     x = sharding_lib.constrain(x, 'batch', None, 'embed')
 
-    def apply(block, x, cos, sin, segment_ids):
-      return sharding_lib.constrain(block(x, cos, sin, segment_ids), 'batch', None, 'embed')
+    def apply(block, x, rope, segment_ids, local):
+      return sharding_lib.constrain(block(x, rope, segment_ids, local), 'batch', None, 'embed')
     if c.remat != 'none':
       apply = nnx.remat(apply, policy=REMAT_POLICIES[c.remat])
     if cache is not None:
-      x, cache = kv_cache.run_layers(self.layers, c.scan_layers, x, cos, sin, mask, cache)
+      x, cache = kv_cache.run_layers(self.layers, c.scan_layers, x, rope, mask, cache, kinds)
     elif c.scan_layers:
-      @nnx.scan(in_axes=(0, nnx.Carry, None, None, None), out_axes=nnx.Carry)
-      def scan_body(block, x, cos, sin, segment_ids):
-        return apply(block, x, cos, sin, segment_ids)
-      x = scan_body(self.layers, x, cos, sin, segment_ids)
+      @nnx.scan(in_axes=(0, nnx.Carry, None, None, 0), out_axes=nnx.Carry)
+      def scan_body(block, x, rope, segment_ids, local):
+        return apply(block, x, rope, segment_ids, local)
+      x = scan_body(self.layers, x, rope, segment_ids, kinds)
     else:
       for block in self.layers:
-        x = apply(block, x, cos, sin, segment_ids)
+        x = apply(block, x, rope, segment_ids, None)
     hidden = self.final_norm(x)
     return hidden if cache is None else (hidden, cache)
 
@@ -288,10 +292,12 @@ class Decoder(nnx.Module):
     return self.lm_head[...], False
 
   def logits(self, hidden):
-    """[B, L, D] -> [B, L, V] float32 (the whole vocabulary at once; losses use
+    """[B, L, D] -> [B, L, V] float32, soft-capped with final_logit_softcap (the whole
+    vocabulary at once; losses use
     mos_jax.models.loss.chunked_token_nll instead)."""
     weight, vocab_first = self.head_weight()
-    return loss_lib.lm_head(hidden, weight, vocab_first, self.config.dtype)
+    return loss_lib.lm_head(hidden, weight, vocab_first, self.config.dtype,
+                            self.config.final_logit_softcap)
 
 
 def abstract_model(config: ModelConfig) -> Decoder:

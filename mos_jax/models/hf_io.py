@@ -1,8 +1,9 @@
-"""Hugging Face checkpoints <-> Decoder: config translation and the tensor name mapping.
+"""Hugging Face checkpoints <-> Decoder: config translation and the tensor plan.
 
-This is the only file that knows HF names. All three families store the same tensor names; they
-differ in which exist (q/k/v biases for Qwen2, lm_head.weight only when untied) and in config
-fields (Gemma's activation, the two rope layouts).
+Every family's config.json fields and tensor names live in mos_jax.models.families (one table);
+this file applies them: the common config fields, the rope layouts (classic rope_theta /
+rope_scaling, transformers-5 rope_parameters, Gemma 3's per-layer-type rope_parameters), and the
+tensor reading and writing.
 """
 
 from __future__ import annotations
@@ -22,43 +23,19 @@ import numpy as np
 from flax import nnx
 
 from mos_jax.infra import sharding as sharding_lib
+from mos_jax.models import families
 from mos_jax.models.config import ModelConfig
 from mos_jax.models.decoder import Decoder, abstract_model
+from mos_jax.models.families import CheckpointError, SUPPORTED_MODEL_TYPES
 from mos_jax.models.safetensors_file import SafetensorsReader, write_safetensors
 
-ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
-                 'gemma': 'GemmaForCausalLM'}
-SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
+__all__ = ['CheckpointError', 'SUPPORTED_MODEL_TYPES', 'config_from_hf', 'config_to_hf',
+           'load_hf', 'save_hf']
 
 # HF `hidden_act` / `hidden_activation` -> ModelConfig.activation.
 _ACTIVATIONS = {'silu': 'silu', 'swish': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh',
                 'gelu_new': 'gelu_tanh'}
 _HF_ACTIVATION = {'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh'}
-
-# The name mapping. Kinds say how an HF tensor becomes ours:
-#   copy:       same layout (embeddings, norm weights; Gemma's norm stores w of (1 + w) in both).
-#   linear_in:  HF [out, in] -> ours [in, *out_dims], e.g. q_proj [N*H, D] -> [D, N, H].
-#   linear_out: HF [out, in] -> ours [*in_dims, out], e.g. o_proj [D, N*H] -> [N, H, D].
-#   bias:       HF [N*H] -> ours [N, H].
-_GLOBAL_TENSORS = (
-    ('model.embed_tokens.weight', ('embed',), 'copy'),
-    ('model.norm.weight', ('final_norm', 'weight'), 'copy'),
-    ('lm_head.weight', ('lm_head',), 'linear_in'),
-)
-_LAYER_TENSORS = (  # HF name after 'model.layers.{i}.', our path inside a Block.
-    ('input_layernorm.weight', ('attn_norm', 'weight'), 'copy'),
-    ('self_attn.q_proj.weight', ('attn', 'q_proj'), 'linear_in'),
-    ('self_attn.k_proj.weight', ('attn', 'k_proj'), 'linear_in'),
-    ('self_attn.v_proj.weight', ('attn', 'v_proj'), 'linear_in'),
-    ('self_attn.q_proj.bias', ('attn', 'q_bias'), 'bias'),
-    ('self_attn.k_proj.bias', ('attn', 'k_bias'), 'bias'),
-    ('self_attn.v_proj.bias', ('attn', 'v_bias'), 'bias'),
-    ('self_attn.o_proj.weight', ('attn', 'o_proj'), 'linear_out'),
-    ('post_attention_layernorm.weight', ('mlp_norm', 'weight'), 'copy'),
-    ('mlp.gate_proj.weight', ('mlp', 'gate_proj'), 'linear_in'),
-    ('mlp.up_proj.weight', ('mlp', 'up_proj'), 'linear_in'),
-    ('mlp.down_proj.weight', ('mlp', 'down_proj'), 'linear_out'),
-)
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:
@@ -71,12 +48,33 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
                    'chat_template.jinja', 'chat_template.json', 'generation_config.json')
 
 
-class CheckpointError(ValueError):
-  """An HF checkpoint (or config) that cannot be loaded; the message names what is wrong."""
-
-
 # ----------------------------------------------------------------------------------------------
 # Config translation.
+
+
+def _rope_fields(hf: dict, model_type: str, family: families.Family) -> dict:
+  """rope_theta, rope_scaling (and Gemma 3's rope_local_theta) from any of the three layouts."""
+  rope = hf.get('rope_parameters')
+  local_theta = hf.get('rope_local_base_freq')
+  if isinstance(rope, dict) and ('full_attention' in rope or 'sliding_attention' in rope):
+    if not family.local_rope:
+      families.refuse(model_type, 'rope_parameters per layer type')
+    theta, scaling = families.parse_rope(model_type, 'rope_parameters.full_attention',
+                                         rope.get('full_attention'))
+    local_theta, local_scaling = families.parse_rope(
+        model_type, 'rope_parameters.sliding_attention', rope.get('sliding_attention'))
+    if local_scaling is not None:
+      families.refuse(model_type, 'rope scaling on sliding_attention layers')
+  elif isinstance(rope, dict) and 'rope_theta' in rope:  # transformers 5
+    theta, scaling = families.parse_rope(model_type, 'rope_parameters', rope)
+  else:  # Published checkpoints: rope_theta and rope_scaling {type or rope_type, ...}.
+    theta = hf.get('rope_theta')
+    _, scaling = families.parse_rope(model_type, 'rope_scaling', hf.get('rope_scaling'))
+  fields = {'rope_theta': float(family.default_theta if theta is None else theta),
+            'rope_scaling': scaling}
+  if family.local_rope:
+    fields['rope_local_theta'] = float(10000.0 if local_theta is None else local_theta)
+  return fields
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
@@ -86,45 +84,21 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
   scan_layers, attention_impl) or replace ones it does.
   """
   model_type = hf.get('model_type')
-  if model_type not in ARCHITECTURES:
+  if model_type in families.REFUSED_TYPES:
+    raise CheckpointError(f'Unsupported model_type {model_type!r}: '
+                          f'{families.REFUSED_TYPES[model_type]}.')
+  if model_type not in families.FAMILY_TABLE:
     raise CheckpointError(f'Unsupported model_type {model_type!r}; supported: '
                           f'{", ".join(SUPPORTED_MODEL_TYPES)}.')
+  family = families.FAMILY_TABLE[model_type]
+  families.check_fields(hf, model_type)
 
   def need(key):
     if hf.get(key) is None:
       raise CheckpointError(f'config.json ({model_type}) lacks the required field {key!r}.')
     return hf[key]
 
-  def refuse(condition, what):
-    if condition:
-      raise CheckpointError(f'config.json ({model_type}): {what} is not supported.')
-
-  refuse(hf.get('attention_bias') and model_type != 'qwen2', 'attention_bias=true')
-  refuse(hf.get('mlp_bias'), 'mlp_bias=true')
-  refuse(hf.get('use_sliding_window'), 'use_sliding_window=true')
-  refuse(hf.get('use_bidirectional_attention'), 'use_bidirectional_attention=true')
-  refuse((hf.get('pretraining_tp') or 1) != 1, f'pretraining_tp={hf.get("pretraining_tp")}')
-
-  # Rope: transformers 5 writes rope_parameters {rope_type, rope_theta, ...}; published
-  # checkpoints have rope_theta and rope_scaling {type or rope_type, ...}.
-  rope = hf.get('rope_parameters')
-  if isinstance(rope, dict) and 'rope_theta' in rope:
-    rope = dict(rope)
-    theta = rope.pop('rope_theta')
-  else:
-    theta = hf.get('rope_theta', 10000.0)
-    rope = dict(hf.get('rope_scaling') or {})
-  rope_type = rope.pop('rope_type', None) or rope.pop('type', None) or 'default'
-  rope.pop('type', None)
-  if rope_type == 'default':
-    rope_scaling = None
-  elif rope_type == 'llama3':
-    rope_scaling = {'rope_type': 'llama3', **rope}
-  else:
-    raise CheckpointError(f'config.json ({model_type}): rope type {rope_type!r} is not supported; '
-                          'supported: default, llama3.')
-
-  if model_type == 'gemma':
+  if family.gemma_activation:
     # Published Gemma configs say hidden_act "gelu" but mean the tanh approximation (HF agrees).
     act = hf.get('hidden_activation') or hf.get('hidden_act') or 'gelu_pytorch_tanh'
     act = 'gelu_pytorch_tanh' if act == 'gelu' else act
@@ -136,25 +110,26 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
 
   heads = need('num_attention_heads')
   eos = hf.get('eos_token_id')
+  for key in ('hidden_size', 'num_hidden_layers', 'vocab_size', 'intermediate_size'):
+    need(key)
   fields = dict(
       family=model_type,
-      vocab_size=need('vocab_size'),
-      hidden_size=need('hidden_size'),
-      intermediate_size=need('intermediate_size'),
-      num_layers=need('num_hidden_layers'),
+      vocab_size=hf['vocab_size'],
+      hidden_size=hf['hidden_size'],
+      intermediate_size=hf['intermediate_size'],
+      num_layers=hf['num_hidden_layers'],
       num_heads=heads,
       num_kv_heads=hf.get('num_key_value_heads') or heads,
-      head_dim=hf.get('head_dim') or need('hidden_size') // heads,
-      rope_theta=float(theta),
-      rope_scaling=rope_scaling,
+      head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
       rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      tie_embeddings=bool(hf.get('tie_word_embeddings', model_type == 'gemma')),
-      qkv_bias=model_type == 'qwen2',
+      tie_embeddings=bool(hf.get('tie_word_embeddings', family.tied_by_default)),
       activation=_ACTIVATIONS[act],
       max_position_embeddings=int(hf.get('max_position_embeddings', 8192)),
       bos_token_id=hf.get('bos_token_id'),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
       pad_token_id=hf.get('pad_token_id'),
+      **_rope_fields(hf, model_type, family),
+      **family.from_hf(hf, model_type),
   )
   fields.update(overrides)
   try:
@@ -166,8 +141,9 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
   """The config.json dict for transformers (classic layout, which transformers 4 and 5 both read)."""
   c = config
+  family = families.FAMILY_TABLE[c.family]
   hf = {
-      'architectures': [ARCHITECTURES[c.family]],
+      'architectures': [family.architecture],
       'model_type': c.family,
       'vocab_size': c.vocab_size,
       'hidden_size': c.hidden_size,
@@ -190,12 +166,11 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
       'use_cache': True,
       'torch_dtype': c.param_dtype,
   }
-  if c.family == 'gemma':
+  if family.gemma_activation:
     hf['hidden_activation'] = hf['hidden_act']
-  if c.family == 'llama':
-    hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-  if c.family == 'qwen2':
-    hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=c.num_layers)
+  if family.local_rope:
+    hf['rope_local_base_freq'] = c.rope_local_theta
+  hf.update(family.to_hf(c))
   return hf
 
 
@@ -214,10 +189,10 @@ class _Tensor:
 def _plan(config: ModelConfig, param_paths) -> list[_Tensor]:
   """Every HF tensor of this config, in HF's order, checked to cover every parameter exactly."""
   present = set(param_paths)
-  plan = [_Tensor(name, path, None, kind) for name, path, kind in _GLOBAL_TENSORS
+  plan = [_Tensor(name, path, None, kind) for name, path, kind in families.GLOBAL_TENSORS
           if path in present]
   for i in range(config.num_layers):
-    for suffix, sub, kind in _LAYER_TENSORS:
+    for suffix, sub, kind in families.layer_tensors(config):
       path = ('layers',) + sub if config.scan_layers else ('layers', i) + sub
       if path in present:
         plan.append(_Tensor(f'model.layers.{i}.{suffix}', path, i if config.scan_layers else None,
@@ -293,7 +268,7 @@ def _open_tensor_files(folder: Path) -> dict[str, SafetensorsReader]:
 
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
             param_dtype: Any = None, **overrides) -> Decoder:
-  """Loads an HF Llama / Qwen2 / Gemma folder (config.json + safetensors) into a Decoder.
+  """Loads an HF folder (config.json + safetensors) of a family in SUPPORTED_MODEL_TYPES.
 
   dtype: compute dtype; param_dtype: storage dtype (default: dtype). Other ModelConfig fields
   (remat, scan_layers, attention_impl, ...) can be given as keywords. With a mesh, every tensor
@@ -321,15 +296,13 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, mesh: jax.shardin
         f'Checkpoint {folder} does not match its config ({config.family}, {config.num_layers} '
         f'layers, tie_embeddings={config.tie_embeddings}): missing tensors {missing}; '
         f'unexpected tensors {unexpected}.')
-  mismatched = []
-  for t in plan:
+  for t in plan:  # The first tensor whose shape disagrees with config.json, both shapes.
     want = _hf_shape(_layer_shape(variables[t.path].shape, t), t.kind)
     got = files[t.hf_name].shape(t.hf_name)
     if tuple(got) != want:
-      mismatched.append(f'{t.hf_name}: expected {list(want)}, found {list(got)}')
-  if mismatched:
-    raise CheckpointError(f'Checkpoint {folder} has tensors of the wrong shape: '
-                          + '; '.join(mismatched))
+      raise CheckpointError(f'Checkpoint {folder} does not match its config.json: tensor '
+                            f'{t.hf_name}: expected {list(want)} (from config.json), found '
+                            f'{list(got)}.')
 
   np_dtype = np.dtype(jnp.dtype(param_dtype))
   by_path: dict[tuple, list[_Tensor]] = {}

@@ -8,6 +8,11 @@ of shorter prompts) and attends from those tokens to every valid slot at or befo
   out = model(tokens, attention_mask=mask, cache=cache)   # prefill: tokens [B, P]
   out.cache ... model(next_tokens, cache=out.cache)        # decode:  tokens [B, 1]
 
+Sliding-window layers (Mistral, Gemma 2 / 3, Qwen3 with use_sliding_window) keep every slot and
+*mask* the keys outside the window (by position: a query at position p sees keys at positions
+> p - sliding_window), so the cache is as long as for global layers; transformers' sliding cache
+keeps only the last window and attends to the same keys.
+
 Shape letters as in decoder.py (S = cache slots, Y = layers).
 """
 
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from mos_jax.infra import sharding as sharding_lib
+from mos_jax.models import attention as attention_lib
 
 
 class KVCache(NamedTuple):
@@ -55,10 +61,22 @@ class LayerCache(NamedTuple):
   end: jax.Array    # [] int32: the first slot to write
 
 
-def advance(cache: KVCache, attention_mask, shape):
-  """Bookkeeping for new tokens of `shape` (B, L): (positions [B, L], mask [B, 1, L, S], cache
-  with the new slots marked valid). `attention_mask` [B, L]: 1 = real token, 0 = padding (None =
-  all real). `run_layers` writes k/v at the old `end` and moves it.
+class Masks(NamedTuple):
+  """What the new tokens attend to, [B, 1, L, S] bool: on global layers and on local ones."""
+  full: jax.Array
+  local: jax.Array
+
+  def pick(self, local):
+    if isinstance(local, bool):
+      return self.local if local else self.full
+    return jnp.where(local, self.local, self.full)  # A scanned stack of mixed layers.
+
+
+def advance(cache: KVCache, attention_mask, shape, window: int | None = None):
+  """Bookkeeping for new tokens of `shape` (B, L): (positions [B, L], Masks, cache with the new
+  slots marked valid). `attention_mask` [B, L]: 1 = real token, 0 = padding (None = all real).
+  `window`: the sliding window of local layers. `run_layers` writes k/v at the old `end` and
+  moves it.
   """
   real = (jnp.ones(shape, bool) if attention_mask is None
           else attention_mask.astype(bool))  # [B, L]
@@ -70,16 +88,23 @@ def advance(cache: KVCache, attention_mask, shape):
   key_slot = jnp.arange(cache.size, dtype=jnp.int32)  # [S]
   causal = key_slot[None, :] <= query_slot[:, None]  # [L, S]
   # A padding query sees itself only, so no row is fully masked (and its output is unused).
-  mask = (valid[:, None, :] | (key_slot[None, None, :] == query_slot[None, :, None])) & causal
+  own = key_slot[None, None, :] == query_slot[None, :, None]  # [1, L, S]
+  mask = (valid[:, None, :] | own) & causal  # [B, L, S]
+  local = mask
+  if window is not None:  # By position: slots of padding between real tokens do not count.
+    key_pos = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, S]
+    local = mask & ((positions[:, :, None] - key_pos[:, None, :] < window) | own)
   cache = cache._replace(valid=valid,
                          lengths=cache.lengths + real.sum(axis=1, dtype=jnp.int32))
-  return positions, mask[:, None], cache
+  return positions, Masks(mask[:, None], local[:, None]), cache
 
 
-def attend(q, k, v, mask, cache: LayerCache):
+def attend(q, k, v, masks: Masks, cache: LayerCache, local, *, scale: float,
+           softcap: float | None = None):
   """Writes k, v [B, L, K, H] into the cache at (layer, :, end) and attends to that layer's slots.
 
-  q [B, L, N, H] (grouped-query when K < N); mask [B, 1, L, S] from `advance`.
+  q [B, L, N, H] (grouped-query when K < N); masks from `advance`, `local` picks one (a bool, or
+  traced under a scan of mixed layers); scores scaled and soft-capped as in attention.dense.
   Returns (out [B, L, N, H], the cache with this layer written).
   """
   at = (cache.layer, 0, cache.end, 0, 0)
@@ -87,17 +112,18 @@ def attend(q, k, v, mask, cache: LayerCache):
   vs = _constrain_kv(jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at))
   layer_k = jax.lax.dynamic_index_in_dim(ks, cache.layer, axis=0, keepdims=False)  # [B, S, K, H]
   layer_v = jax.lax.dynamic_index_in_dim(vs, cache.layer, axis=0, keepdims=False)
-  out = jax.nn.dot_product_attention(q, layer_k.astype(q.dtype), layer_v.astype(q.dtype),
-                                     mask=mask)
+  out = attention_lib.dense(q, layer_k.astype(q.dtype), layer_v.astype(q.dtype),
+                            masks.pick(local), scale=scale, softcap=softcap)
   return out, cache._replace(k=ks, v=vs)
 
 
-def run_layers(layers, scanned: bool, x, cos, sin, mask, cache: KVCache):
-  """The decoder blocks over x [B, L, D] with the cache; returns (x, cache with `end` moved)."""
+def run_layers(layers, scanned: bool, x, rope, masks: Masks, cache: KVCache, kinds):
+  """The decoder blocks over x [B, L, D] with the cache; returns (x, cache with `end` moved).
+  kinds [Y] bool: which layers are local (read where a scanned block's kind is not static)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   def apply(block, x, layer_cache):
-    x, layer_cache = block(x, cos, sin, mask, layer_cache)
+    x, layer_cache = block(x, rope, masks, kinds[layer_cache.layer], layer_cache)
     return sharding_lib.constrain(x, 'batch', None, 'embed'), layer_cache
 
   layer_cache = LayerCache(cache.k, cache.v, jnp.zeros((), jnp.int32), cache.end)

@@ -204,7 +204,7 @@ def _stacked_adapters(model, lora_config, quantize: str, seed: int, names):
   quantizes the probe's (its HowToQuantize), stacked the same way. Inside the scan qwix then
   finds them and only computes with them. `names`: the adapted weights (in every layer)."""
   c = model.config
-  one = c.replace(scan_layers=False, num_layers=1)
+  one = c.replace(scan_layers=False, num_layers=1, layer_types=c.layer_types and c.layer_types[:1])
   probe_targets = frozenset((f'layers/0/{PROJECTIONS[n]}', n) for n in names)
   probe = nnx.eval_shape(lambda: add_adapters(Decoder(one, rngs=nnx.Rngs(0)), lora_config,
                                               quantize, targeted=probe_targets))

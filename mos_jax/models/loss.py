@@ -68,32 +68,44 @@ def per_dataset_sums(row_values, dataset_ids, num_datasets):
   return jax.ops.segment_sum(row_values, dataset_ids, num_segments=num_datasets)
 
 
-def lm_head(hidden, weight, vocab_first: bool, dtype):
-  """Logits [.., V] fp32 from hidden [.., D] and the LM head: [V, D] (tied) or [D, V], multiplied
-  in the compute dtype with fp32 accumulation."""
+def _raw_logits(hidden, weight, vocab_first: bool, dtype):
   spec = '...D,VD->...V' if vocab_first else '...D,DV->...V'
   logits = jnp.einsum(spec, hidden, weight.astype(dtype), preferred_element_type=jnp.float32)
   return sharding_lib.constrain(logits, 'batch', *([None] * (logits.ndim - 2)), 'vocab')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunk_nll(hidden, weight, targets, vocab_first, dtype):
+def softcap(logits, cap: float | None):
+  """cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping); None = unchanged."""
+  return logits if cap is None else jnp.float32(cap) * jnp.tanh(logits / jnp.float32(cap))
+
+
+def lm_head(hidden, weight, vocab_first: bool, dtype, cap: float | None = None):
+  """Logits [.., V] fp32 from hidden [.., D] and the LM head: [V, D] (tied) or [D, V], multiplied
+  in the compute dtype with fp32 accumulation, soft-capped at `cap` (None = not)."""
+  return softcap(_raw_logits(hidden, weight, vocab_first, dtype), cap)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunk_nll(hidden, weight, targets, vocab_first, dtype, cap):
   """NLL [B, C] of one chunk of positions; its backward recomputes the chunk's logits."""
-  return token_nll(lm_head(hidden, weight, vocab_first, dtype), targets)
+  return token_nll(lm_head(hidden, weight, vocab_first, dtype, cap), targets)
 
 
-def _chunk_nll_fwd(hidden, weight, targets, vocab_first, dtype):
-  logits = lm_head(hidden, weight, vocab_first, dtype)  # [B, C, V] fp32, this chunk only.
+def _chunk_nll_fwd(hidden, weight, targets, vocab_first, dtype, cap):
+  logits = lm_head(hidden, weight, vocab_first, dtype, cap)  # [B, C, V] fp32, this chunk only.
   log_norm = jax.nn.logsumexp(logits, axis=-1)  # [B, C]
   nll = log_norm - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return nll, (hidden, weight, targets, log_norm)
 
 
-def _chunk_nll_bwd(vocab_first, dtype, residuals, g):  # g [B, C]
+def _chunk_nll_bwd(vocab_first, dtype, cap, residuals, g):  # g [B, C]
   hidden, weight, targets, log_norm = residuals
-  logits = lm_head(hidden, weight, vocab_first, dtype)
+  raw = _raw_logits(hidden, weight, vocab_first, dtype)
+  logits = softcap(raw, cap)
   probs = jnp.exp(logits - log_norm[..., None])
   d_logits = (probs - jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)) * g[..., None]
+  if cap is not None:  # d/dz cap * tanh(z / cap) = 1 - tanh(z / cap)**2.
+    d_logits = d_logits * (1.0 - jnp.square(jnp.tanh(raw / jnp.float32(cap))))
   d_logits = d_logits.astype(dtype)  # The LM-head backward matmuls run in the compute dtype.
   w = weight.astype(dtype)
   if vocab_first:
@@ -108,8 +120,10 @@ def _chunk_nll_bwd(vocab_first, dtype, residuals, g):  # g [B, C]
 _chunk_nll.defvjp(_chunk_nll_fwd, _chunk_nll_bwd)
 
 
-def chunked_token_nll(hidden, weight, targets, *, vocab_first: bool, dtype, chunk: int):
-  """token_nll(lm_head(hidden, weight)) without [B, L, V] logits in the forward or backward pass.
+def chunked_token_nll(hidden, weight, targets, *, vocab_first: bool, dtype, chunk: int,
+                      cap: float | None = None):
+  """token_nll(lm_head(hidden, weight, cap)) without [B, L, V] logits in the forward or backward
+  pass (`cap`: the model's final_logit_softcap).
 
   hidden [B, L, D], targets [B, L] -> [B, L] fp32. Positions are taken `chunk` at a time
   (0 = all at once) by a scan: each step holds one [B, chunk, V] fp32 block, and the backward pass
@@ -128,7 +142,7 @@ def chunked_token_nll(hidden, weight, targets, *, vocab_first: bool, dtype, chun
 
   def step(_, chunk_in):
     h, t = chunk_in
-    return None, _chunk_nll(h, weight32, t, vocab_first, jnp.dtype(dtype))
+    return None, _chunk_nll(h, weight32, t, vocab_first, jnp.dtype(dtype), cap)
 
   _, nll = jax.lax.scan(step, None, (hidden, targets))  # [n, B, c]
   return nll.swapaxes(0, 1).reshape(b, n * c)[:, :length]

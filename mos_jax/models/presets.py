@@ -10,6 +10,12 @@ from flax import nnx
 from mos_jax.models.config import ModelConfig
 from mos_jax.models.decoder import abstract_model
 
+_TINY = ModelConfig(
+    family='llama', vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=4,
+    num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+    tie_embeddings=False, activation='silu', max_position_embeddings=2048)
+_ALTERNATING = ('sliding_attention', 'full_attention') * 2  # Gemma 2's pattern, 4 layers.
+
 PRESETS: dict[str, ModelConfig] = {
     # Qwen/Qwen1.5-0.5B: 463,987,712 parameters (tied embeddings counted once).
     'qwen1.5-0.5b': ModelConfig(
@@ -29,11 +35,44 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
         tie_embeddings=False, activation='silu', max_position_embeddings=8192,
         bos_token_id=128000, eos_token_id=128001),
+    # Qwen/Qwen3-8B: 8,190,735,360 parameters.
+    'qwen3-8b': ModelConfig(
+        family='qwen3', vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+        rms_norm_eps=1e-6, tie_embeddings=False, qk_norm=True, activation='silu',
+        max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
+    # The text model of google/gemma-3-4b-pt (Gemma3ForCausalLM): 3,880,263,168 parameters.
+    'gemma-3-4b': ModelConfig(
+        family='gemma3_text', vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+        num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256, rope_theta=1e6,
+        rope_scaling={'rope_type': 'linear', 'factor': 8.0}, rope_local_theta=10000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, activation='gelu_tanh', qk_norm=True,
+        post_norms=True, query_pre_attn_scalar=256.0, sliding_window=1024,
+        layer_types=tuple('full_attention' if (i + 1) % 6 == 0 else 'sliding_attention'
+                          for i in range(34)),
+        max_position_embeddings=131072, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+    # mistralai/Mistral-7B-v0.3: 7,248,023,552 parameters (no sliding window since v0.2).
+    'mistral-7b': ModelConfig(
+        family='mistral', vocab_size=32768, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
+        rms_norm_eps=1e-5, tie_embeddings=False, activation='silu',
+        max_position_embeddings=32768, bos_token_id=1, eos_token_id=2),
     # ~312K parameters, Llama layout; vocab fits a small demo tokenizer (override it from yours).
-    'tiny': ModelConfig(
-        family='llama', vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=4,
-        num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_embeddings=False, activation='silu', max_position_embeddings=2048),
+    'tiny': _TINY,
+    # The same size with each newer family's options on (windows of 8 tokens, soft-caps).
+    'tiny-qwen3': _TINY.replace(family='qwen3', qk_norm=True, sliding_window=8,
+                                layer_types=('full_attention',) * 2 + ('sliding_attention',) * 2),
+    'tiny-gemma2': _TINY.replace(family='gemma2', activation='gelu_tanh', tie_embeddings=True,
+                                 post_norms=True, query_pre_attn_scalar=16.0,
+                                 attn_logit_softcap=50.0, final_logit_softcap=30.0,
+                                 sliding_window=8, layer_types=_ALTERNATING),
+    'tiny-gemma3': _TINY.replace(family='gemma3_text', activation='gelu_tanh',
+                                 tie_embeddings=True, qk_norm=True, post_norms=True,
+                                 query_pre_attn_scalar=16.0, sliding_window=8,
+                                 layer_types=_ALTERNATING, rope_theta=1e6,
+                                 rope_local_theta=10000.0,
+                                 rope_scaling={'rope_type': 'linear', 'factor': 8.0}),
+    'tiny-mistral': _TINY.replace(family='mistral', sliding_window=8),
 }
 
 

@@ -33,7 +33,8 @@ def forward_nll(graphdef, params, batch, frozen=None, dropout=None):
                                segment_ids=batch['segment_ids'])
   weight, vocab_first = model.head_weight()
   nll = loss_lib.chunked_token_nll(hidden, weight, batch['targets'], vocab_first=vocab_first,
-                                   dtype=model.config.dtype, chunk=model.config.loss_chunk)
+                                   dtype=model.config.dtype, chunk=model.config.loss_chunk,
+                                   cap=model.config.final_logit_softcap)
   return nll, hidden
 
 

@@ -41,7 +41,7 @@ def _keys(config, prefix=''):
 def test_recipes_are_shipped():
   names = {os.path.basename(p) for p in RECIPES}
   assert names == {'demo.py', 'paper.py', 'mospec_math.py'}  # Variants: paper.py:<variant>.
-  assert len(_variants(os.path.join(REPO, 'configs', 'paper.py'))) == 6
+  assert len(_variants(os.path.join(REPO, 'configs', 'paper.py'))) == 12  # 6 models x 2 rewards
 
 
 @pytest.mark.parametrize('path', RECIPES, ids=os.path.basename)

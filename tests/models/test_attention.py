@@ -48,6 +48,33 @@ def test_kernel_matches_reference(impl, heads, kv_heads, head_dim):
     np.testing.assert_allclose(g, w, atol=5e-5)
 
 
+def test_splash_window_and_softcap_match_reference():
+  """Splash's LocalMask with segment ids and its soft-cap against the dense reference mask."""
+  rng = np.random.RandomState(3)
+  seg = _segments()
+  b, length = seg.shape
+  q = jnp.asarray(3 * rng.randn(b, length, 4, 16), jnp.float32)
+  k, v = (jnp.asarray(rng.randn(b, length, 2, 16), jnp.float32) for _ in range(2))
+  real = (seg > 0)[:, :, None, None]
+  options = dict(window=7, softcap=2.0, scale=0.2)
+  want = attention.attend(q, k, v, seg, 'xla', **options)
+  # The reference itself: a window of 7 and the cap change the output.
+  assert np.abs(np.asarray(want - attention.attend(q, k, v, seg, 'xla', scale=0.2))).max() > 0.1
+  got = jax.jit(lambda q, k, v: attention.attend(q, k, v, seg, 'splash', **options))(q, k, v)
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=2e-5)
+
+
+def test_triton_falls_back_to_xla_for_window_and_softcap(caplog, monkeypatch):
+  monkeypatch.setattr(attention, '_said', set())  # The message is logged once per process.
+  rng = np.random.RandomState(4)
+  seg = _segments()
+  q, k, v = (jnp.asarray(rng.randn(3, 40, 2, 8), jnp.float32) for _ in range(3))
+  with caplog.at_level('WARNING', logger='mos_jax.models.attention'):
+    got = attention.attend(q, k, v, seg, 'triton', window=5)
+  assert "'triton' has no window: these layers run on the xla attention" in caplog.text
+  np.testing.assert_array_equal(got, attention.attend(q, k, v, seg, 'xla', window=5))
+
+
 def test_auto_choice_per_platform():
   assert attention.resolve(None, 'tpu') == 'splash'
   assert attention.resolve('', 'gpu') == 'cudnn'

@@ -17,7 +17,8 @@ from mos_jax.models import hf_io
 from mos_jax.models.decoder import abstract_model
 
 PUBLISHED_COUNTS = {'qwen1.5-0.5b': 463_987_712, 'gemma-2b': 2_506_172_416,
-                    'llama-3-8b': 8_030_261_248}
+                    'llama-3-8b': 8_030_261_248, 'qwen3-8b': 8_190_735_360,
+                    'gemma-3-4b': 3_880_263_168, 'mistral-7b': 7_248_023_552}
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED_COUNTS))
@@ -35,7 +36,8 @@ def test_tiny_preset_and_overrides():
   tiny = models.get_preset('tiny', vocab_size=300)
   assert tiny.family == 'llama' and tiny.vocab_size == 300
   assert 100_000 < models.param_count(models.PRESETS['tiny']) < 1_000_000
-  with pytest.raises(KeyError, match='available: gemma-2b, llama-3-8b, qwen1.5-0.5b, tiny'):
+  with pytest.raises(KeyError, match='available: gemma-2b, gemma-3-4b, llama-3-8b, mistral-7b, '
+                                     'qwen1.5-0.5b, qwen3-8b, tiny, tiny-gemma2'):
     models.get_preset('gpt2')
   with pytest.raises(TypeError, match='no field'):
     models.get_preset('tiny', hidden=3)
@@ -81,8 +83,10 @@ def _copy_with(src, dst, mutate_tensors=None, mutate_config=None):
 
 
 def test_unsupported_model_type(llama_dir, tmp_path):
-  bad = _copy_with(llama_dir, tmp_path / 'm', mutate_config=lambda c: c.update(model_type='mistral'))
-  with pytest.raises(models.CheckpointError, match=r"'mistral'.*supported: gemma, llama, qwen2"):
+  bad = _copy_with(llama_dir, tmp_path / 'm', mutate_config=lambda c: c.update(model_type='gpt2'))
+  with pytest.raises(models.CheckpointError,
+                     match=r"'gpt2'.*supported: gemma, gemma2, gemma3_text, llama, mistral, qwen2, "
+                           r"qwen3\.$"):
     models.load_hf(bad)
 
 
@@ -113,8 +117,8 @@ def test_shape_mismatch(llama_dir, tmp_path):
     t['model.layers.0.self_attn.k_proj.weight'] = np.zeros((16, 16), np.float32)
   bad = _copy_with(llama_dir, tmp_path / 'm', mutate_tensors=mutate)
   with pytest.raises(models.CheckpointError,
-                     match=r'model\.layers\.0\.self_attn\.k_proj\.weight: expected \[8, 16\], '
-                           r'found \[16, 16\]'):
+                     match=r'tensor model\.layers\.0\.self_attn\.k_proj\.weight: expected '
+                           r'\[8, 16\] \(from config\.json\), found \[16, 16\]\.$'):
     models.load_hf(bad)
 
 

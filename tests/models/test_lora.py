@@ -24,6 +24,7 @@ from mos_jax.steps import reward as reward_lib
 from mos_jax.steps import reference_cache
 from mos_jax.models import lora
 from demo_run import demo_config, resume_after_crash, train_crashing
+from test_families import HF_CONFIGS as NEW_FAMILY_CONFIGS
 
 VOCAB = 96
 HF_CONFIGS = {  # One tiny model per family (GQA untied Llama, biased tied Qwen2, MQA GeGLU Gemma).
@@ -36,6 +37,7 @@ HF_CONFIGS = {  # One tiny model per family (GQA untied Llama, biased tied Qwen2
     'gemma': lambda: transformers.GemmaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+    **NEW_FAMILY_CONFIGS,  # Qwen3, Gemma 2, Gemma 3 text, Mistral (windows, soft-caps).
 }
 
 
@@ -109,8 +111,9 @@ def _random_adapters(model, seed):
     b[...] = jnp.asarray(0.3 * rng.standard_normal(b[...].shape), b[...].dtype)
 
 
-@pytest.mark.parametrize('family,scan_layers', [('llama', False), ('qwen2', False),
-                                                ('gemma', False), ('llama', True)])
+@pytest.mark.parametrize('family,scan_layers', [
+    ('llama', False), ('qwen2', False), ('gemma', False), ('llama', True), ('qwen3', False),
+    ('gemma2', False), ('gemma3_text', True), ('mistral', False)])
 def test_peft_and_merged_exports_match_our_adapted_model(family, scan_layers, tmp_path):
   import peft
   base_dir = tmp_path / 'base'

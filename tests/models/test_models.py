@@ -18,7 +18,7 @@ import transformers
 from flax import nnx
 
 from mos_jax import models
-from mos_jax.models import decoder as decoder_lib
+from mos_jax.models import rope as rope_lib
 
 VOCAB = 96
 LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
@@ -121,8 +121,8 @@ def test_llama3_rope_scaling_is_applied(checkpoints):
   # The parity test above would not notice a missing rescaling if it changed nothing here.
   config = models.load_hf(checkpoints['llama'][0]).config
   assert config.rope_scaling_dict['rope_type'] == 'llama3'
-  scaled = decoder_lib.rope_inv_freq(config)
-  plain = decoder_lib.rope_inv_freq(config.replace(rope_scaling=None))
+  scaled = rope_lib.rope_inv_freq(config)
+  plain = rope_lib.rope_inv_freq(config.replace(rope_scaling=None))
   assert np.abs(scaled - plain).max() > 1e-3
 
 

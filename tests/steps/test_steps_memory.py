@@ -13,24 +13,26 @@ from mos_jax.steps import sft
 from mos_jax.steps import reward as reward_lib
 
 
-def _full(hidden, weight, targets, mask, vocab_first):
-  """Today's path: all [B, L, V] logits in fp32, then the masked NLL sum."""
+def _full(hidden, weight, targets, mask, vocab_first, cap=None):
+  """Today's path: all [B, L, V] logits in fp32 (soft-capped at `cap`), then the masked NLL sum."""
   spec = 'BLD,VD->BLV' if vocab_first else 'BLD,DV->BLV'
   logits = jnp.einsum(spec, hidden, weight, preferred_element_type=jnp.float32)
+  if cap is not None:  # Gemma 2's final_logit_softcapping, as transformers writes it.
+    logits = jnp.tanh(logits / cap) * cap
   log_norm = jax.nn.logsumexp(logits, axis=-1)
   nll = log_norm - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return (nll * mask).sum()
 
 
-def _chunked(hidden, weight, targets, mask, vocab_first, chunk):
+def _chunked(hidden, weight, targets, mask, vocab_first, chunk, cap=None):
   nll = loss_lib.chunked_token_nll(hidden, weight, targets, vocab_first=vocab_first,
-                                   dtype=jnp.float32, chunk=chunk)
+                                   dtype=jnp.float32, chunk=chunk, cap=cap)
   return (nll * mask).sum()
 
 
-@pytest.mark.parametrize('vocab_first', [True, False])
+@pytest.mark.parametrize('vocab_first,cap', [(True, None), (False, None), (True, 2.5)])
 @pytest.mark.parametrize('chunk', [0, 4, 5, 64])  # one chunk, divides L, pads L, larger than L
-def test_chunked_loss_and_grads_equal_full_logits(vocab_first, chunk):
+def test_chunked_loss_and_grads_equal_full_logits(vocab_first, chunk, cap):
   rng = np.random.RandomState(0)
   b, length, d, v = 3, 20, 8, 37
   hidden = jnp.asarray(rng.randn(b, length, d), jnp.float32)
@@ -38,9 +40,10 @@ def test_chunked_loss_and_grads_equal_full_logits(vocab_first, chunk):
   targets = jnp.asarray(rng.randint(0, v, (b, length)), jnp.int32)
   mask = jnp.asarray(rng.rand(b, length) > 0.3, jnp.float32)
   want, want_grads = jax.value_and_grad(_full, argnums=(0, 1))(hidden, weight, targets, mask,
-                                                               vocab_first)
-  got, got_grads = jax.jit(jax.value_and_grad(_chunked, argnums=(0, 1)), static_argnums=(4, 5))(
-      hidden, weight, targets, mask, vocab_first, chunk)
+                                                               vocab_first, cap)
+  got, got_grads = jax.jit(jax.value_and_grad(_chunked, argnums=(0, 1)),
+                           static_argnums=(4, 5, 6))(hidden, weight, targets, mask, vocab_first,
+                                                     chunk, cap)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
