@@ -41,6 +41,14 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6,
         rms_norm_eps=1e-6, tie_embeddings=False, qk_norm=True, activation='silu',
         max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645),
+    # google/gemma-2-9b: 9,241,705,984 parameters; local (4096) and global layers alternate.
+    'gemma-2-9b': ModelConfig(
+        family='gemma2', vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+        num_layers=42, num_heads=16, num_kv_heads=8, head_dim=256, rope_theta=10000.0,
+        rms_norm_eps=1e-6, tie_embeddings=True, activation='gelu_tanh', post_norms=True,
+        query_pre_attn_scalar=256.0, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        sliding_window=4096, layer_types=('sliding_attention', 'full_attention') * 21,
+        max_position_embeddings=8192, bos_token_id=2, eos_token_id=1, pad_token_id=0),
     # The text model of google/gemma-3-4b-pt (Gemma3ForCausalLM): 3,880,263,168 parameters.
     'gemma-3-4b': ModelConfig(
         family='gemma3_text', vocab_size=262208, hidden_size=2560, intermediate_size=10240,

@@ -18,7 +18,8 @@ from mos_jax.models.decoder import abstract_model
 
 PUBLISHED_COUNTS = {'qwen1.5-0.5b': 463_987_712, 'gemma-2b': 2_506_172_416,
                     'llama-3-8b': 8_030_261_248, 'qwen3-8b': 8_190_735_360,
-                    'gemma-3-4b': 3_880_263_168, 'mistral-7b': 7_248_023_552}
+                    'gemma-3-4b': 3_880_263_168, 'mistral-7b': 7_248_023_552,
+                    'gemma-2-9b': 9_241_705_984}
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED_COUNTS))
