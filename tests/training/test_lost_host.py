@@ -92,3 +92,62 @@ def test_sigkill_of_one_host_stops_the_other_with_75_and_a_rerun_resumes_exactly
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=f'{a["step"]} {key}')
+
+
+# Runs the train command, killing the process (SIGKILL) when Orbax has written every file of the
+# step-20 checkpoint into its temporary folder but not yet renamed it: a death in mid-save.
+_KILLED_IN_SAVE = '''
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+async def dying_finalize(self, *args, **kwargs):
+  if self._final_path.name == '20':
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await finalize(self, *args, **kwargs)
+atomicity.AtomicRenameTemporaryPath.finalize = dying_finalize
+sys.argv[0] = 'mos_jax.train'
+runpy.run_module('mos_jax.train', run_name='__main__')
+'''
+
+
+@pytest.mark.slow
+def test_a_host_killed_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
+  workdir = tmp_path / 'run'
+  argv = _command(tmp_path, workdir, '--config.train.steps=30', '--config.train.checkpoint_every=10',
+                  '--config.train.async_checkpoints=True', '--config.train.log_every=10')
+  done = subprocess.run([sys.executable, '-c', _KILLED_IN_SAVE, *argv[3:]], env=_ENV,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+  left = sorted(os.listdir(workdir / 'checkpoints'))
+  assert left[0] == '10' and len(left) == 2 and left[1].startswith('20.'), left  # 20: unfinished.
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir / 'checkpoints'))
+  assert checkpointer.latest_step() == 10
+  assert checkpointer.describe_latest() == f'the last checkpoint is step 10 in {workdir}/checkpoints'
+  checkpointer.close()
+  config = demo_config(tmp_path, train__steps=30, train__checkpoint_every=10)
+  run = training.build(config, str(workdir))  # Restores step 10: every file of it reads back.
+  assert run.start_step == 10
+  run.checkpointer.close()
+  run.close()
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_joins_fails_after_the_timeout_with_a_paragraph(tmp_path):
+  port, unused = _port(), _port()
+  timeout = ['--config.distributed.initialization_timeout_s=2']
+  alone = subprocess.Popen(_command(tmp_path, tmp_path / 'alone', *timeout),
+                           env=_host_env(0, port), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  lost = subprocess.Popen(_command(tmp_path, tmp_path / 'lost', *timeout),
+                          env=_host_env(1, unused), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  for proc, expected in (
+      (alone, f'process 0 of 2 could not join the coordinator at localhost:{port} within 2 s '
+              f'(distributed.initialization_timeout_s): process ids [1] did not start.'),
+      (lost, f'process 1 of 2 could not join the coordinator at localhost:{unused} within 2 s '
+             f'(distributed.initialization_timeout_s): nothing answers there, so process 0 did '
+             f'not start or the address is wrong.')):
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == lost_host.EXIT_CODE, err[-3000:]
+    assert expected in err, err[-3000:]
+    assert 'Traceback' not in err
