@@ -216,8 +216,8 @@ def emergency(text: str) -> None:
   """The paragraph of a process about to `os._exit`: on the terminal as `error: ...` and in the
   log file, written without the locks of logging and sys.stderr (a stuck thread may hold them)."""
   os.write(_terminal_fd, f'error: {text}\n'.encode())
-  path = _file_handler.path if _file_handler is not None else None
-  if path:
+  if _file_handler is not None:
+    path = log_path()  # Before the run's own log is known: the command's, with what was kept.
     with open(path, 'a', encoding='utf-8') as f:
       f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} E {os.getpid()} mos_jax] {text}\n')
 
