@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Train on a Cloud TPU VM slice: create (or reuse) it, copy this repo to every worker, install
 # the TPU build of jax, run the same train command on all workers, fetch their logs.
+# Exit code: the trainers' (0 done or stopped by SIGTERM, 130 Ctrl-C, 1 an error); 75 when a
+# worker was lost (its VM died or stopped answering): the others stop with one paragraph naming
+# it, this script says which worker died and exits 75, so a retry loop (`until ...; do :; done`
+# on 75) restarts the run, which resumes from the last checkpoint.
 set -euo pipefail
 
 usage() {
@@ -128,7 +132,20 @@ else
   trap - INT TERM
 fi
 run mkdir -p "$log_dir"
-run "${gcloud_tpu[@]}" scp --recurse "$name:~/mos_jax_logs" "$log_dir" "${where[@]}" --worker=all
+# A lost worker has no logs to give: fetch what the others have.
+run "${gcloud_tpu[@]}" scp --recurse "$name:~/mos_jax_logs" "$log_dir" "${where[@]}" --worker=all \
+  || echo "launch/tpu_pod.sh: could not fetch every worker's log." >&2
+if ((status != 0 && !dry_run)); then
+  # The survivors' paragraph ('host N of M stopped answering ...') names the lost worker.
+  lost=$(grep -rhoE 'hosts? [0-9, ]+ of [0-9]+ stopped answering[^;]*' "$log_dir" 2>/dev/null \
+         | sort -u | head -n 1 || true)
+  if [[ -n $lost ]] || ((status == 75)); then
+    worker=$(sed -nE 's/^hosts? ([0-9, ]+) of.*/\1/p' <<<"$lost")
+    echo "launch/tpu_pod.sh: worker ${worker:-?} of $name was lost (${lost:-exit 75}). Run this" \
+      "command again to resume from the last checkpoint; exiting 75." >&2
+    status=75
+  fi
+fi
 if ((delete)); then
   run "${gcloud_tpu[@]}" delete "$name" "${where[@]}" --quiet
 fi

@@ -138,3 +138,57 @@ def test_slurm_dry_run_per_node():
 def test_slurm_outside_a_job_fails():
   r = launch('launch/gpu_slurm.sbatch')
   assert r.returncode != 0 and 'sbatch' in r.stderr
+
+
+def _stubs(tmp_path, **scripts):
+  """A folder of stand-in commands (bash bodies), first on PATH."""
+  folder = tmp_path / 'bin'
+  folder.mkdir()
+  for name, body in scripts.items():
+    path = folder / name
+    path.write_text('#!/usr/bin/env bash\n' + body + '\n')
+    path.chmod(0o755)
+  return f'{folder}:{os.environ["PATH"]}'
+
+
+@pytest.mark.parametrize('srun_status,restarts,requeued', [
+    (75, 0, True), (137, 1, True), (75, 3, False), (1, 0, False), (0, 0, False)])
+def test_slurm_requeues_a_job_that_lost_a_host(tmp_path, srun_status, restarts, requeued):
+  calls = tmp_path / 'calls'
+  path = _stubs(tmp_path, srun=f'echo "srun $*" >> {calls}; exit {srun_status}',
+                scontrol=f'echo "scontrol $*" >> {calls}')
+  env = {k: v for k, v in os.environ.items() if not k.startswith('SLURM_')}
+  env.update(PATH=path, SLURM_JOB_ID='42', SLURM_JOB_NODELIST='n[1-2]',
+             SLURM_RESTART_COUNT=str(restarts))
+  r = subprocess.run(['bash', 'launch/gpu_slurm.sbatch', '--workdir', '/shared/run'], cwd=ROOT,
+                     env=env, capture_output=True, text=True, timeout=30)
+  assert r.returncode == srun_status, r.stderr
+  lines = calls.read_text().splitlines()
+  assert lines[0].startswith('srun ')
+  assert (lines[1:] == ['scontrol requeue 42']) == requeued, lines
+  if requeued:
+    assert 'resumes from the last checkpoint in /shared/run' in r.stdout
+  elif srun_status in (75, 137):
+    assert 'already requeued 3 times' in r.stderr
+
+
+def test_tpu_pod_names_the_lost_worker_and_exits_75(tmp_path):
+  paragraph = ('host 1 of 2 stopped answering (heartbeat timeout after 100 s) at step 31; the '
+               'last checkpoint is step 20 in /mnt/gcs/run/checkpoints. Restart the job (any '
+               'host count) to resume.')
+  # The trainers' ssh fails (a worker's VM is gone); the log fetch brings the survivor's log.
+  gcloud = f'''
+case " $* " in
+  *" ssh "*mos_jax.train*) exit 255 ;;
+  *" scp --recurse "*) mkdir -p "${{@: -3:1}}/mos_jax_logs"
+                       echo 'error: {paragraph}' > "${{@: -3:1}}/mos_jax_logs/train-w0.log"; exit 1 ;;
+esac
+exit 0'''
+  env = {**os.environ, 'PATH': _stubs(tmp_path, gcloud=gcloud), 'TMPDIR': str(tmp_path)}
+  r = subprocess.run(['bash', 'launch/tpu_pod.sh', '--tpu-name', 'pod', '--zone', 'z',
+                      '--skip-install', '--workdir', '/mnt/gcs/run', '--log-dir',
+                      str(tmp_path / 'logs')], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 75, r.stderr
+  assert 'worker 1 of pod was lost (host 1 of 2 stopped answering (heartbeat timeout after 100 s)' \
+         ' at step 31)' in r.stderr

@@ -144,6 +144,8 @@ def _problems(config) -> list[str]:
       out.append(f'mixing.{section}.{field}={node.get(field)!r} is only read by '
                  f'mixing.strategy={owner}, but the strategy is {x.strategy!r}')
 
+  for key in ('initialization_timeout_s', 'heartbeat_timeout_s', 'shutdown_timeout_s'):
+    number(f'distributed.{key}', 1, integer=True)  # Whole seconds, as jax takes them.
   for axis in ('data', 'fsdp', 'tensor'):
     value = config.mesh[axis]
     need(isinstance(value, int) and (value >= 1 or value == -1), f'mesh.{axis}',

@@ -107,6 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.mixing.static = ml_collections.ConfigDict()
   c.mixing.static.from_run = ''  # strategy=static: a run folder whose last logged mixture is held fixed ('' = q_tau).
 
+  # Multi-host runs (one process per host): a lost or missing host ends the others with exit 75.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialization_timeout_s = 300  # Start-up waits this long for every process to join.
+  c.distributed.heartbeat_timeout_s = 100  # A host silent this long is lost: the others stop (exit 75).
+  c.distributed.shutdown_timeout_s = 300  # At the end, a process waits this long for the others to finish.
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # Data-parallel axis size (-1 = the rest of the devices).
   c.mesh.fsdp = -1  # Fully sharded data-parallel axis size (-1 = the rest of the devices).

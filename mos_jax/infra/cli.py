@@ -8,7 +8,8 @@ ml_collections raises a bare AttributeError/KeyError deep inside flag parsing wh
 `--config.KEY=...` names no field; `parse_flags` replaces it with one line naming the key.
 `run` routes library logs to a file (`mos_jax.infra.console`), prints expected errors
 (`mos_jax.infra.errors.EXPECTED`) as one paragraph and exits 1, and Ctrl-C outside training as one line
-with exit 130; `--alsologtostderr` shows all logs and tracebacks on the terminal.
+with exit 130, and a lost host of a multi-host run as one paragraph with exit 75
+(`mos_jax.infra.lost_host`); `--alsologtostderr` shows all logs and tracebacks on the terminal.
 """
 
 import difflib
@@ -25,6 +26,7 @@ from ml_collections import config_flags
 
 from mos_jax.infra import console
 from mos_jax.infra import errors
+from mos_jax.infra import lost_host
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,8 @@ def run(main, command: str, required=('config',), log_in_workdir: bool = False) 
       if isinstance(e, OSError) and e.filename and str(e.filename) not in message:
         message += f' ({e.filename})'
       _fail(f'{message}\n(Details in {console.log_path()}; --alsologtostderr shows them here.)')
-    except Exception:
+    except Exception as e:
+      lost_host.settle(e)  # A failed collective because a host was lost: exit 75, one paragraph.
       log.error('Unexpected error.', exc_info=True, extra={'terminal': False})
       raise
     finally:

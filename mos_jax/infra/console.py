@@ -85,6 +85,8 @@ class _Terminal(logging.Filter):
 
 
 _file_handler: _Deferred | None = None
+_terminal_handler: logging.StreamHandler | None = None
+_terminal_fd = 2  # Where the terminal is once native stderr goes to the log file (native_to_log).
 _command = 'mos_jax'
 _follow_workdir = False  # Whether `log_to` (a training run's own log file) is honoured.
 
@@ -124,7 +126,8 @@ def setup(command: str, echo: bool = False, debug: bool = False,
     _file_handler.close()
   _file_handler = _Deferred()
   root.addHandler(_file_handler)
-  terminal = logging.StreamHandler(sys.stderr)
+  global _terminal_handler
+  terminal = _terminal_handler = logging.StreamHandler(sys.stderr)
   terminal.setFormatter(logging.Formatter(_FORMAT if echo else '%(levelname)s: %(message)s'))
   terminal.addFilter(_Terminal(echo))
   root.addHandler(terminal)
@@ -188,3 +191,38 @@ def finish() -> None:
   if _file_handler is not None and (_file_handler.path is not None or _file_handler._buffer):  # pylint: disable=protected-access
     log_path()
     _file_handler.close_file()
+
+
+def native_to_log() -> None:
+  """Sends what native code writes to stderr (XLA's C++ logs, fatal errors, Gloo) to the log file;
+  the program's own stderr stays on the terminal. For multi-host runs, whose survivors of a lost
+  host would otherwise show jax's fatal error and stack trace before their one paragraph."""
+  global _terminal_fd
+  if _file_handler is None or _file_handler.path is None or _terminal_fd != 2 or (
+      _terminal_handler is not None and _terminal_handler.filters[0].echo):
+    return
+  sys.stderr.flush()
+  _terminal_fd = os.dup(2)
+  terminal = os.fdopen(_terminal_fd, 'w', buffering=1, closefd=False)
+  if _terminal_handler is not None:
+    _terminal_handler.setStream(terminal)
+  sys.stderr = terminal
+  log_fd = os.open(_file_handler.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+  os.dup2(log_fd, 2)
+  os.close(log_fd)
+
+
+def emergency(text: str) -> None:
+  """The paragraph of a process about to `os._exit`: on the terminal as `error: ...` and in the
+  log file, written without the locks of logging and sys.stderr (a stuck thread may hold them)."""
+  os.write(_terminal_fd, f'error: {text}\n'.encode())
+  if _file_handler is not None:
+    path = log_path()  # Before the run's own log is known: the command's, with what was kept.
+    with open(path, 'a', encoding='utf-8') as f:
+      f.write(f'{time.strftime("%Y-%m-%d %H:%M:%S")} E {os.getpid()} mos_jax] {text}\n')
+
+
+def log_exception(message: str, exc: BaseException) -> None:
+  """`message` and the traceback of `exc`, in the log file only."""
+  logging.getLogger('mos_jax.infra.console').info(
+      message, exc_info=(type(exc), exc, exc.__traceback__), extra={'terminal': False})

@@ -9,6 +9,12 @@ device. It connects the processes when there are several and does nothing for on
 - MOS_DISTRIBUTED=auto: jax's own detection (Cloud TPU slices, GKE, SLURM, Open MPI); the TPU
   pod launcher sets it, because a TPU VM cannot tell it is one of several hosts without it;
 - SLURM with more than one task: jax's SLURM detector (coordinator = first node of the step).
+
+`timeouts` (the config's `distributed` node) sets how long start-up waits for every process
+(`initialization_timeout_s`), after how long without a heartbeat a process counts as lost
+(`heartbeat_timeout_s`) and how long a finishing process waits for the others
+(`shutdown_timeout_s`); all three go to `jax.distributed.initialize`. A lost or missing process
+ends the others with one paragraph and exit code 75 (`mos_jax.infra.lost_host`).
 """
 
 from __future__ import annotations
@@ -18,14 +24,21 @@ import os
 from typing import Any, Mapping
 
 import jax
+from jax._src import distributed as jax_distributed  # The coordination client: no public name.
 import numpy as np
 
+from mos_jax.infra import lost_host
 from mos_jax.infra import sharding
 
 log = logging.getLogger(__name__)
 
 _ENV = {'coordinator_address': 'MOS_COORDINATOR_ADDRESS', 'num_processes': 'MOS_NUM_PROCESSES',
         'process_id': 'MOS_PROCESS_ID', 'local_device_ids': 'MOS_LOCAL_DEVICE_IDS'}
+_TIMEOUTS = {'initialization_timeout_s': 'initialization_timeout',
+             'heartbeat_timeout_s': 'heartbeat_timeout_seconds',
+             'shutdown_timeout_s': 'shutdown_timeout_seconds'}
+DEFAULT_TIMEOUTS = {'initialization_timeout_s': 300, 'heartbeat_timeout_s': 100,
+                    'shutdown_timeout_s': 300}  # jax's own defaults.
 _done: str | None = None  # What initialize() did, so that calling it again is a no-op.
 
 
@@ -81,14 +94,30 @@ def plan(source=None, environ: Mapping[str, str] | None = None) -> tuple[str, di
   return 'single process (no cluster environment found)', None
 
 
-def initialize(config_or_flags=None) -> str:
-  """Connects the processes of a multi-host run (see the module docstring); returns what it did."""
+def initialize(config_or_flags=None, timeouts=None, joined_dir: str | None = None) -> str:
+  """Connects the processes of a multi-host run (see the module docstring); returns what it did.
+
+  `timeouts`: a mapping or ConfigDict with DEFAULT_TIMEOUTS' keys (seconds). `joined_dir`: a
+  folder every host sees, where each process notes that it started (a failed start-up then names
+  the processes that did not).
+  """
   global _done
   if _done is not None or jax.distributed.is_initialized():
     return _done or 'already initialized'
   description, kwargs = plan(config_or_flags)
   if kwargs is not None:
+    seconds = {k: _get(timeouts, k) or v for k, v in DEFAULT_TIMEOUTS.items()}
+    kwargs.update({_TIMEOUTS[k]: int(v) for k, v in seconds.items()})
+    if 'coordinator_address' in kwargs:  # Auto-detected runs learn these inside jax.
+      lost_host.joining(kwargs['process_id'], kwargs['num_processes'],
+                        kwargs['coordinator_address'], seconds['initialization_timeout_s'],
+                        joined_dir)
     jax.distributed.initialize(**kwargs)
+    state = jax_distributed.global_state
+    if 'coordinator_address' not in kwargs:
+      lost_host.joining(state.process_id, state.num_processes, state.coordinator_address,
+                        seconds['initialization_timeout_s'])
+    lost_host.watch(state.client, seconds['heartbeat_timeout_s'])
     description += f' -> {jax.process_count()} processes, {jax.device_count()} devices'
   log.info('mos_jax.infra.distributed: %s', description)
   _done = description

@@ -2,7 +2,8 @@
 
 Train steps with the loader's draws, the strategy's updates every `mixing.update_every` steps,
 metrics windows, dev evaluation, checkpoints. It stops cleanly on SIGTERM/SIGINT
-(`infra.preemption`: save the current step, exit) and never checkpoints a state whose latest
+(`infra.preemption`: save the current step, exit), ends with one paragraph and exit 75 when a
+host of a multi-host run is lost (`infra.lost_host`), and never checkpoints a state whose latest
 update was non-finite.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from mos_jax.data import prefetch
 from mos_jax.evals.during_training import TrainingTasks
 from mos_jax.infra import distributed
+from mos_jax.infra import lost_host
 from mos_jax.infra import preemption
 from mos_jax.steps import reference_cache
 from mos_jax.steps import reward as reward_lib
@@ -156,6 +158,9 @@ def train(run: Run) -> dict:
   with jax.set_mesh(run.mesh):  # Activation sharding constraints need the mesh when tracing.
     try:
       return _train_loop(run, stop)
+    except Exception as e:
+      lost_host.settle(e)  # A lost host: its paragraph and exit 75 (else the error goes on).
+      raise
     finally:
       stop.restore()
       run.data.close()
@@ -190,6 +195,7 @@ def _train_loop(run: Run, stop: preemption.StopSignals) -> dict:
                    run.window)
   try:
     for step in range(run.start_step + 1, tc.steps + 1):
+      lost_host.at_step(step)  # Named by the paragraph if a host is lost now.
       run.state, metrics = run.train_fn(run.state, feed.next(step))
       window.add(metrics)
       if run.strategy.moves_after(step):  # It moved p in the train step (ODM, replay).

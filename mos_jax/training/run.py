@@ -28,6 +28,7 @@ from mos_jax.infra import compilation_cache
 from mos_jax.infra import console
 from mos_jax.infra import distributed
 from mos_jax.infra import errors
+from mos_jax.infra import lost_host
 from mos_jax.infra import sharding
 from mos_jax.models import lora
 from mos_jax.models.build import build_model
@@ -131,7 +132,7 @@ def build(config, workdir: str) -> Run:
   """
   config_check.validate(config)
   workdir = checked_workdir(workdir)
-  distributed.initialize()
+  distributed.initialize(timeouts=config.distributed, joined_dir=os.path.join(workdir, '.joined'))
   compilation_cache.enable(config.train.compilation_cache)
   is_main = distributed.is_main_process()
   lock = lock_lib.WorkdirLock(workdir).acquire() if is_main else None
@@ -145,6 +146,8 @@ def build(config, workdir: str) -> Run:
   # The log file starts once the run is accepted: a refused start writes nothing into workdir.
   console.log_to(os.path.join(workdir, 'train.log' if is_main
                               else f'train.process{jax.process_index()}.log'))
+  if jax.process_count() > 1:  # A lost host: one paragraph here, jax's fatal error in the log.
+    console.native_to_log()
   return run
 
 
@@ -197,6 +200,7 @@ def _build(config, workdir: str, is_main: bool) -> Run:
   checkpointer = checkpoint_lib.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
       async_save=config.train.async_checkpoints)
+  lost_host.describe_checkpoints(checkpointer.describe_latest)  # For a lost host's paragraph.
   start_step, window = 0, []
   meta = {'names': names, 'fingerprints': {n: data.fingerprint(n) for n in names},
           'loader': _loader_identity(config), 'config': json.loads(config_lib.config_to_json(config))}

@@ -121,6 +121,14 @@ class Checkpointer:
       raise CheckpointUnreadable(self.directory, step, 'its meta/metadata file is missing')
     return restored
 
+  def describe_latest(self) -> str:
+    """'the last checkpoint is step M in DIR' from the folder itself: only finished saves count
+    (Orbax writes a step into a temporary folder and renames it when complete)."""
+    steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()]
+    if not steps:
+      return f'no checkpoint was written yet in {self.directory}'
+    return f'the last checkpoint is step {max(steps)} in {self.directory}'
+
   @property
   def directory(self) -> str:
     return str(self._manager.directory)

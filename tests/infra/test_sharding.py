@@ -337,3 +337,31 @@ def test_two_processes_build_one_global_batch():
     assert r['total'] == 2 * local_sum + 100 * 24  # Both hosts' rows, each counted once.
     assert r['ids'] == [0] * 8 + [1] * 8  # Process i's rows come i-th.
     assert r['main'] == (pid == 0)
+
+
+def test_initialize_passes_the_distributed_timeouts_to_jax(monkeypatch, tmp_path):
+  """The config's distributed.*_s keys reach jax.distributed.initialize under jax's names."""
+  from mos_jax.infra import lost_host
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def fake_initialize(**kwargs):
+    seen.update(kwargs)
+    raise Stop
+
+  monkeypatch.setattr(distributed, '_done', None)
+  monkeypatch.setattr(lost_host, '_watch', None)  # Put back afterwards.
+  monkeypatch.setattr(lost_host, '_install', lambda: None)  # No SIGABRT handler in the suite.
+  monkeypatch.setattr(jax.distributed, 'initialize', fake_initialize)
+  monkeypatch.setenv('MOS_COORDINATOR_ADDRESS', 'h:1')
+  monkeypatch.setenv('MOS_NUM_PROCESSES', '2')
+  monkeypatch.setenv('MOS_PROCESS_ID', '1')
+  with pytest.raises(Stop):
+    distributed.initialize(timeouts={'heartbeat_timeout_s': 7, 'initialization_timeout_s': 9},
+                           joined_dir=str(tmp_path / 'joined'))
+  assert seen == dict(coordinator_address='h:1', num_processes=2, process_id=1,
+                      initialization_timeout=9, heartbeat_timeout_seconds=7,
+                      shutdown_timeout_seconds=300)
+  assert os.listdir(tmp_path / 'joined') == ['process_1']  # Names it if start-up fails.

@@ -230,12 +230,14 @@ def test_bad_config_values_are_all_named_before_anything_is_written(tmp_path):
   config.mixing.min_prob = 0.3
   config.model.dtype = 'float64'
   config.train.warmup_fraction = 1.5
+  config.distributed.heartbeat_timeout_s = 0
   workdir = tmp_path / 'never'
   with pytest.raises(ValueError) as bad:
     training.build(config, str(workdir))
   for part in ('mixing.update_every=0 must be >= 1', 'train.lr=-1.0 must be > 0',
                'mixing.min_prob=0.3 must be <= 0.25', "model.dtype='float64'",
-               'train.warmup_fraction=1.5 must be < 1'):
+               'train.warmup_fraction=1.5 must be < 1',
+               'distributed.heartbeat_timeout_s=0 must be >= 1'):
     assert part in str(bad.value), part
   assert not workdir.exists() and not (tmp_path / 'demo_data').exists()
   config_check.validate(demo_config(tmp_path))  # The shipped demo is valid.
