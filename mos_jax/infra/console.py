@@ -212,6 +212,30 @@ def native_to_log() -> None:
   os.close(log_fd)
 
 
+@contextlib.contextmanager
+def native_quiet():
+  """Within: native stderr goes to the log file (the command's, the run's is not known yet), so
+  that a multi-host start-up that fails shows its one paragraph (`emergency`), not jax's fatal
+  error and stack trace before it. Does nothing when native stderr already goes there or logs
+  are echoed (--alsologtostderr)."""
+  global _terminal_fd
+  if _file_handler is None or _terminal_fd != 2 or (
+      _terminal_handler is not None and _terminal_handler.filters[0].echo):
+    yield
+    return
+  sys.stderr.flush()
+  _terminal_fd = os.dup(2)
+  log_fd = os.open(log_path(), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+  os.dup2(log_fd, 2)
+  os.close(log_fd)
+  try:
+    yield
+  finally:
+    os.dup2(_terminal_fd, 2)
+    os.close(_terminal_fd)
+    _terminal_fd = 2
+
+
 def emergency(text: str) -> None:
   """The paragraph of a process about to `os._exit`: on the terminal as `error: ...` and in the
   log file, written without the locks of logging and sys.stderr (a stuck thread may hold them)."""

@@ -27,6 +27,7 @@ import jax
 from jax._src import distributed as jax_distributed  # The coordination client: no public name.
 import numpy as np
 
+from mos_jax.infra import console
 from mos_jax.infra import lost_host
 from mos_jax.infra import sharding
 
@@ -112,7 +113,8 @@ def initialize(config_or_flags=None, timeouts=None, joined_dir: str | None = Non
       lost_host.joining(kwargs['process_id'], kwargs['num_processes'],
                         kwargs['coordinator_address'], seconds['initialization_timeout_s'],
                         joined_dir)
-    jax.distributed.initialize(**kwargs)
+    with console.native_quiet():  # A failed start-up: one paragraph, not jax's fatal error.
+      jax.distributed.initialize(**kwargs)
     state = jax_distributed.global_state
     if 'coordinator_address' not in kwargs:
       lost_host.joining(state.process_id, state.num_processes, state.coordinator_address,
