@@ -37,7 +37,7 @@ def test_tiny_preset_and_overrides():
   tiny = models.get_preset('tiny', vocab_size=300)
   assert tiny.family == 'llama' and tiny.vocab_size == 300
   assert 100_000 < models.param_count(models.PRESETS['tiny']) < 1_000_000
-  with pytest.raises(KeyError, match='available: gemma-2b, gemma-3-4b, llama-3-8b, mistral-7b, '
+  with pytest.raises(KeyError, match='available: gemma-2-9b, gemma-2b, gemma-3-4b, llama-3-8b, mistral-7b, '
                                      'qwen1.5-0.5b, qwen3-8b, tiny, tiny-gemma2'):
     models.get_preset('gpt2')
   with pytest.raises(TypeError, match='no field'):
