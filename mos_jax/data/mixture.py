@@ -9,7 +9,8 @@ by (seed, step), so every host draws the same dataset at the same step. They are
 samples from d ('random', Algorithm 1), or 'balanced': each dataset's rows drawn so far stay
 within one of their expected number, sum_t d_t times the rows of step t (a credit per dataset,
 carried in the state), so a short run's realised mixture is d rather than a noisy sample of it.
-Each host reads its own slice of the global batch, which every host plans alike (pipeline.RowPlan). Reward batches come from separate
+Each host reads its own slice of the global batch, which every host plans alike
+(pipeline.RowPlan). Reward batches come from separate
 per-dataset streams, so the scorer's look at the data never shifts the training order. The whole
 position (global rows taken from every stream, step, p) is JSON state that
 `grain.checkpoint.CheckpointSave/CheckpointRestore` write and read through Orbax.
