@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.buckets = ()  # Pad to the smallest of these lengths that fits (empty = always max_len).
   c.data.num_workers = 0  # Grain worker processes per dataset pipeline (part of a run's identity).
   c.data.mix_per = 'batch'  # 'batch': one dataset per batch (Algorithm 1); 'example': per example.
-  c.data.draws = 'random'  # 'random': independent draws from p (Algorithm 1); 'balanced': each dataset's draws stay within one of their expected count (low-variance mixtures in short runs).
+  c.data.draws = 'random'  # 'random': independent draws from p (Algorithm 1); 'balanced': each dataset's draws stay within about one of their expected count (low-variance mixtures in short runs).
   c.data.on_error = 'raise'  # Malformed records: 'raise' (name file and line) or 'skip' (counted).
   c.data.reward_batch_size = 16  # Rows per dataset in each reward batch (examples; packed rows with data.packing).
   c.data.reward_micro_batch = 0  # Rows per forward in the reward and theta_0 passes (0 = all at once); must divide them.

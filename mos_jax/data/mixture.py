@@ -7,11 +7,10 @@ d_i = (p_i / u_i) / sum_j (p_j / u_j), which makes the expected share of units d
 dataset i exactly p_i. With one example per row and unit 'example', d = p. Draws use an RNG seeded
 by (seed, step), so every host draws the same dataset at the same step. They are independent
 samples from d ('random', Algorithm 1), or 'balanced': each dataset's rows drawn so far stay
-within one of their expected number, sum_t d_t times the rows of step t (a credit per dataset,
-carried in the state), so a short run's realised mixture is d rather than a noisy sample of it.
-Each host reads its own slice of the global batch, which every host plans alike
-(pipeline.RowPlan). Reward batches come from separate
-per-dataset streams, so the scorer's look at the data never shifts the training order. The whole
+within about one of their expected number sum_t d_t * rows_t (never a whole row ahead; a credit
+per dataset, carried in the state), so a short run's realised mixture is d rather than a noisy
+sample of it. Each host reads its own slice of the global batch, which every host plans alike
+(pipeline.RowPlan). Reward batches come from separate per-dataset streams, so the scorer's look at the data never shifts the training order. The whole
 position (global rows taken from every stream, step, p) is JSON state that
 `grain.checkpoint.CheckpointSave/CheckpointRestore` write and read through Orbax.
 """

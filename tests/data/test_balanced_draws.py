@@ -1,4 +1,4 @@
-"""data.draws='balanced': each dataset's rows (or batches) drawn so far stay within one of their
+"""data.draws='balanced': each dataset's rows (or batches) drawn so far stay within about one of their
 expected number, sum over steps of d_t times the rows of the step, whatever p does meanwhile."""
 
 import numpy as np
