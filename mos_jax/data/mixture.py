@@ -11,8 +11,9 @@ within about one of their expected number sum_t d_t * rows_t (never a whole row 
 per dataset, carried in the state), so a short run's realised mixture is d rather than a noisy
 sample of it. Each host reads its own slice of the global batch, which every host plans alike
 (pipeline.RowPlan). Reward batches come from separate per-dataset streams, so the scorer's look
-at the data never shifts the training order. The whole position (global rows taken from every stream, step, p) is JSON state that
-`grain.checkpoint.CheckpointSave/CheckpointRestore` write and read through Orbax.
+at the data never shifts the training order. The whole position (global rows taken from every
+stream, step, p, credits) is JSON state that `grain.checkpoint.CheckpointSave/CheckpointRestore`
+write and read through Orbax.
 """
 
 import dataclasses
