@@ -23,6 +23,17 @@ def demo_config(tmp_path, **train):
   return config
 
 
+def set_mixing(config, **mixing):
+  """config.mixing.<key> = value; `section__field` sets config.mixing.<section>.<field>."""
+  for key, value in mixing.items():
+    section, _, field = key.partition('__')
+    if field:
+      config.mixing[section][field] = value
+    else:
+      config.mixing[key] = value
+  return config
+
+
 class Crash(Exception):
   """Raised by `train_crashing`'s loader: a run dying mid-way."""
 

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from mos_jax.config import base_config, check, config_to_json, dataset
+from demo_run import set_mixing
 
 
 def _config(names=('a', 'b'), **mixing):
@@ -15,13 +16,7 @@ def _config(names=('a', 'b'), **mixing):
   for name in names:
     c.data.datasets[name] = dataset(f'/data/{name}.jsonl')
   c.train.steps = 10
-  for key, value in mixing.items():
-    section, _, field = key.partition('__')
-    if field:
-      c.mixing[section][field] = value
-    else:
-      c.mixing[key] = value
-  return c
+  return set_mixing(c, **mixing)
 
 
 def _run_folder(path, config, mixture_lines=(), checkpoints=()):

@@ -22,6 +22,7 @@ from flax import nnx
 
 from mos_jax import models
 from mos_jax.inference import sampler
+from test_models import _torch_forward, save_torch_models
 
 VOCAB = 97
 WINDOW = 5  # Shorter than every sequence below.
@@ -67,22 +68,7 @@ def _torch_model(family, seed=0):
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
   """family -> (folder, torch model)."""
-  out = {}
-  for family in FAMILIES:
-    model = _torch_model(family)
-    folder = tmp_path_factory.mktemp(family)
-    model.save_pretrained(folder)
-    out[family] = (folder, model)
-  return out
-
-
-def _torch_forward(model, tokens, mask, positions=None):
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=None if positions is None else torch.tensor(positions),
-                output_hidden_states=True)
-  return out.logits.float().numpy(), out.hidden_states[-1].float().numpy()
+  return save_torch_models(tmp_path_factory, FAMILIES, _torch_model)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -51,16 +51,21 @@ def _torch_model(family, seed=0):
   return model
 
 
-@pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
-  """family -> (folder, torch model), saved in the transformers-5 config layout."""
+def save_torch_models(tmp_path_factory, families, make_model):
+  """family -> (folder, torch model): make_model(family) saved with save_pretrained."""
   out = {}
-  for family in FAMILIES:
-    model = _torch_model(family)
+  for family in families:
+    model = make_model(family)
     folder = tmp_path_factory.mktemp(family)
     model.save_pretrained(folder)
     out[family] = (folder, model)
   return out
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+  """family -> (folder, torch model), saved in the transformers-5 config layout."""
+  return save_torch_models(tmp_path_factory, FAMILIES, _torch_model)
 
 
 def _padded_batch(rng, batch=3, length=12):
@@ -73,11 +78,13 @@ def _padded_batch(rng, batch=3, length=12):
   return tokens, mask, positions
 
 
-def _torch_forward(model, tokens, mask, positions):
+def _torch_forward(model, tokens, mask, positions=None):
+  """(logits, last hidden state) of transformers' model; positions None = its own."""
   with torch.no_grad():
     out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
                 attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(positions, dtype=torch.long),
+                position_ids=None if positions is None else torch.tensor(positions,
+                                                                         dtype=torch.long),
                 output_hidden_states=True)
   # HF's last hidden state is taken after the final norm.
   return out.logits.float().numpy(), out.hidden_states[-1].float().numpy()

@@ -12,7 +12,7 @@ import pytest
 from mos_jax import training
 from mos_jax.workdir import metrics as metrics_lib
 from mos_jax.workdir import restore
-from demo_run import demo_config, resume_after_crash
+from demo_run import demo_config, resume_after_crash, set_mixing
 
 KEYS = ('mixture/', 'mixture_rows/', 'data/examples/')
 
@@ -27,13 +27,7 @@ def _config(root, strategy, steps, **mixing):
                        train__eval_batches=1, train__checkpoint_every=0)
   config.mixing.strategy = strategy
   config.mixing.update_every = 2
-  for key, value in mixing.items():
-    section, _, field = key.partition('__')
-    if field:
-      config.mixing[section][field] = value
-    else:
-      config.mixing[key] = value
-  return config
+  return set_mixing(config, **mixing)
 
 
 def _train(config, workdir):
